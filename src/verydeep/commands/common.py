@@ -1,0 +1,54 @@
+"""Options several subcommands share, spelled once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def add_weights_options(p: argparse.ArgumentParser, default: str | None = "vgg16") -> None:
+    p.add_argument(
+        "--weights",
+        default=default,
+        metavar="NAME|PATH",
+        help="registry name (vgg16, vgg19), or a .caffemodel/.safetensors/.pth/.h5 path or URL (default: %(default)s)",
+    )
+    p.add_argument("--prototxt", metavar="PATH", help="deploy prototxt for a caffemodel whose net is not a known VGG")
+
+
+def add_device_options(p: argparse.ArgumentParser, precision_default: str = "fp32") -> None:
+    p.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1); default: cuda if available")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default=precision_default,
+        help="numeric precision (default: %(default)s; fp32 is exact)",
+    )
+
+
+def add_json_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+
+
+def print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def resolve_device(name: str | None) -> str:
+    import torch
+
+    if name:
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def table(rows: list[list[Any]], header: list[str]) -> str:
+    """A plain aligned text table (no dependency for something this small)."""
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
