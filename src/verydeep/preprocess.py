@@ -67,7 +67,7 @@ def to_uint8_chw(image: ImageLike) -> torch.Tensor:
     if isinstance(image, (str, os.PathLike)):
         image = open_image(image)
     if isinstance(image, Image.Image):
-        image = np.asarray(to_rgb(image))
+        return TF.pil_to_tensor(to_rgb(image))
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise ImageError(f"expected a uint8 RGB array, found dtype {image.dtype}")
