@@ -133,6 +133,10 @@ class Protocol:
         n = 1 if self.name == "center" else self.grid_size**2
         return n * (2 if self.flip else 1)
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (as they read back from a scores file)."""
+        return {**asdict(self), "scales": list(self.scales)}
+
     def describe(self) -> str:
         return f"{self.name} Q={','.join(map(str, self.scales))}{'' if self.flip else ' no-flip'}"
 
@@ -696,7 +700,7 @@ def evaluate(
     chunks = chunks_of(len(data), batch_size)
     mine = list(distributed.shard(len(chunks), ctx))
     state = {
-        "protocol": asdict(protocol),
+        "protocol": protocol.to_dict(),
         "images": len(data),
         "ids_sha1": _sha1(data.ids),
         "labels_sha1": _sha1(data.labels) if data.labels is not None else None,
@@ -706,6 +710,7 @@ def evaluate(
         "precision": precision,
         "device_type": torch.device(device).type,
     }
+    state = json.loads(json.dumps(state))  # as it reads back from state.json (tuples -> lists)
     run = dict(run_info or {})
     run.update({"layout": data.layout, "root": str(data.root), "set_images": len(data), "precision": precision})
     run["protocol_text"] = protocol.describe()
@@ -803,7 +808,7 @@ def _merge(ordered: list[ChunkResult], data: EvalSet, protocol: Protocol, num_cl
     probs = np.concatenate([r.probs.reshape(len(r.indices), width) for r in ordered] or [np.zeros((0, width), np.float32)])
     labels = np.asarray(data.labels, dtype=np.int64)[indices] if data.labels is not None else None
     return EvalResult(
-        protocol=asdict(protocol),
+        protocol=protocol.to_dict(),
         ids=[data.ids[i] for i in indices],
         probs=probs.astype(np.float32),
         labels=labels,
@@ -817,7 +822,7 @@ def _finished(path: Path, state: dict[str, Any], ctx: distributed.Context) -> Ev
     if not ctx.is_main:
         return None
     result = load_scores(path)
-    saved_protocol = result.protocol
+    saved_protocol = json.loads(json.dumps(result.protocol))
     if saved_protocol != state["protocol"]:
         raise VerydeepError(
             f"{path}: cannot resume: it holds protocol {json.dumps(saved_protocol)}, now {json.dumps(state['protocol'])}"

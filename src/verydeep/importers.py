@@ -174,9 +174,11 @@ def to_torchvision_state(model: Any, space: str = "torchvision") -> dict[str, to
     return {names[k]: v for k, v in state.items()}
 
 
-def torchvision_model(config: str = "D", width: float = 1.0, num_classes: int = 1000) -> torch.nn.Module:
-    """torchvision's own VGG module for a Table 1 config (narrowed by ``width`` for tests):
-    ``torchvision.models.vgg16()`` etc. at width 1. Used to check exports against torchvision."""
+def torchvision_model(config: str = "D", width: float = 1.0, num_classes: int = 1000, *, empty: bool = False) -> torch.nn.Module:
+    """torchvision's own VGG module for a Table 1 config: ``torchvision.models.vgg16()`` etc. at
+    width 1, the same classes narrowed by ``width`` otherwise (for tests). Used to check exports
+    against torchvision. ``empty``: parameters on the meta device (no init cost), for
+    ``load_state_dict(state, assign=True)``."""
     import torchvision
     from torch import nn
     from torchvision.models import vgg as tv
@@ -186,14 +188,18 @@ def torchvision_model(config: str = "D", width: float = 1.0, num_classes: int = 
     if arch is None:
         torchvision_names(config)  # raises the explanation
     if width == 1.0:
-        return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+        with torch.device("meta" if empty else "cpu"):
+            return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
     cfg = [v if v == "M" else configs.scaled(v, width) for v in tv.cfgs[config]]
-    net = tv.VGG(tv.make_layers(cfg), num_classes=num_classes, init_weights=False)
-    c = configs.scaled(configs.STAGE_CHANNELS[-1], width)
-    fc = configs.scaled(configs.FC_WIDTH, width)
-    net.classifier[0] = nn.Linear(c * configs.POOL5_SIZE**2, fc)
-    net.classifier[3] = nn.Linear(fc, fc)
-    net.classifier[6] = nn.Linear(fc, num_classes)
+    with torch.device("meta"):  # skips initialising the full-width classifier replaced below
+        net = tv.VGG(tv.make_layers(cfg), num_classes=num_classes, init_weights=False)
+    with torch.device("meta" if empty else "cpu"):
+        c = configs.scaled(configs.STAGE_CHANNELS[-1], width)
+        fc = configs.scaled(configs.FC_WIDTH, width)
+        net.features = tv.make_layers(cfg)
+        net.classifier[0] = nn.Linear(c * configs.POOL5_SIZE**2, fc)
+        net.classifier[3] = nn.Linear(fc, fc)
+        net.classifier[6] = nn.Linear(fc, num_classes)
     return net
 
 

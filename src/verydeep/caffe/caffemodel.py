@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from google.protobuf.message import DecodeError
@@ -211,7 +211,7 @@ class _Reader:
             if byte < 0x80:
                 return result, pos
 
-    def _parse(self, message: type, data: bytes, where: str):  # noqa: ANN202 - a protobuf message
+    def _parse(self, message: type, data: bytes, where: str) -> Any:  # a protobuf message
         try:
             return message.FromString(data)
         except DecodeError as e:
@@ -220,26 +220,28 @@ class _Reader:
     def _truncated(self, pos: int, needed: int, end: int, where: str) -> None:
         if end < self.size:  # the length of an enclosing message was already checked against the file
             self._fail(pos, f"{where}: field runs past the end of its message")
-        if where.startswith("the net"):
-            where = f"layer {self._peek_name(pos)}"
+        if where == "the net":
+            where = self._peek_layer(pos) or where
         raise CaffeFormatError(
             f"{self.path}: truncated: {where} at byte {pos} needs {needed - pos} bytes but the file ends at "
             f"byte {self.size} (incomplete download?)"
             + self._looks_like()
         )
 
-    def _peek_name(self, pos: int) -> str:
-        """Best effort: the name of the layer whose field starts at ``pos`` (for error messages)."""
+    def _peek_layer(self, pos: int) -> str | None:
+        """Best effort: 'layer <name>' if the field at ``pos`` is a layer (for error messages)."""
         try:
             key, value = self._varint(pos, self.size, "")
+            if key >> 3 not in _NET_LAYER:
+                return None
             _, value = self._varint(value, self.size, "")
-            name_field = _LAYER_NAME.get(_NET_LAYER.get(key >> 3, ""), 0)
+            name_field = _LAYER_NAME[_NET_LAYER[key >> 3]]
             for number, wire, _, start, stop in self._fields(value, self.size, ""):
                 if number == name_field and wire == _LEN:
-                    return repr(bytes(self.buf[start:stop]).decode("utf-8", "replace"))
+                    return f"layer {bytes(self.buf[start:stop]).decode('utf-8', 'replace')!r}"
         except CaffeFormatError:
             pass
-        return "(unnamed)"
+        return "a layer"
 
     def _fail(self, pos: int, what: str) -> None:
         raise CaffeFormatError(

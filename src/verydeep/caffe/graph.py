@@ -10,6 +10,7 @@ rebind the name. Parameters are registered under the layer names (``conv1_1.weig
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -136,11 +137,11 @@ class Pooling(_Layer):
             return (F.max_pool2d(x, (kh, kw), (sh, sw))[..., :oh, :ow],)
         x = F.pad(x, pads) if any(pads) else x
         sums = F.avg_pool2d(x, (kh, kw), (sh, sw), divisor_override=1)[..., :oh, :ow]
-        counts = [
-            torch.tensor([min(i * s - p + k, size + p) - (i * s - p) for i in range(n)], dtype=sums.dtype, device=sums.device)
+        counts = [  # window extent within [-pad, size + pad), per output row / column
+            [min(i * s - p + k, size + p) - (i * s - p) for i in range(n)]
             for n, size, k, s, p in ((oh, h, kh, sh, ph), (ow, w, kw, sw, pw))
         ]
-        return (sums / torch.outer(*counts),)
+        return (sums / torch.outer(*(torch.tensor(c, dtype=sums.dtype, device=sums.device) for c in counts)),)
 
 
 class LRN(_Layer):
@@ -293,7 +294,8 @@ class CaffeGraph(nn.Module):
                 module = _build(layer, bottoms)
                 tops = module.shapes(bottoms)
             except (ValueError, IndexError, ZeroDivisionError) as e:
-                raise CaffeFormatError(f"{source}: layer {layer.name!r} ({layer.type}): {e} (inputs {bottoms})") from None
+                where = f"{source}: layer {layer.name!r} ({layer.type})"
+                raise CaffeFormatError(f"{where}: {e} (inputs {bottoms})") from None
             attr = self._attribute(layer.name)
             self.add_module(attr, module)
             if layer.type in ("Convolution", "InnerProduct"):
@@ -313,13 +315,18 @@ class CaffeGraph(nn.Module):
         return attr
 
     @classmethod
-    def from_files(cls, prototxt: str, caffemodel: str | None = None, input_shape: Sequence[int] | None = None) -> CaffeGraph:
+    def from_files(
+        cls,
+        prototxt: str | os.PathLike[str],
+        caffemodel: str | os.PathLike[str] | None = None,
+        input_shape: Sequence[int] | None = None,
+    ) -> CaffeGraph:
         """A graph for ``prototxt``, with the weights of ``caffemodel`` when given."""
         from .caffemodel import read_caffemodel
 
-        graph = cls(read_prototxt(prototxt), input_shape, source=str(prototxt))
+        graph = cls(read_prototxt(prototxt), input_shape, source=os.fspath(prototxt))
         if caffemodel is not None:
-            graph.load_blobs(read_caffemodel(caffemodel).blobs, origin=str(caffemodel))
+            graph.load_blobs(read_caffemodel(caffemodel).blobs, origin=os.fspath(caffemodel))
         return graph
 
     # ---- weights
@@ -338,12 +345,15 @@ class CaffeGraph(nn.Module):
             if arrays is None:
                 raise CaffeFormatError(f"{origin}: layer {name!r}: no weights in the file (expected {expected})")
             if len(arrays) != len(params):
-                raise CaffeFormatError(f"{origin}: layer {name!r}: expected {len(params)} blobs ({expected}), found {len(arrays)}")
+                raise CaffeFormatError(
+                    f"{origin}: layer {name!r}: expected {len(params)} blobs ({expected}), found {len(arrays)}"
+                )
             for (kind, param), array in zip(params, arrays):
                 array = np.asarray(array, dtype=np.float32)
                 if not _fits(array.shape, tuple(param.shape)):
                     raise CaffeFormatError(
-                        f"{origin}: layer {name!r}: {kind}: expected shape {_fmt(param.shape)}, found {_fmt(array.shape)}"
+                        f"{origin}: layer {name!r}: {kind}: expected shape {_fmt(param.shape)}, "
+                        f"found {_fmt(array.shape)}"
                     )
                 value = torch.from_numpy(array.reshape(param.shape))
                 if param.is_meta:  # built on the meta device: adopt the array without a copy
@@ -372,7 +382,9 @@ class CaffeGraph(nn.Module):
 
     # ---- running
 
-    def forward(self, x: Tensor | Mapping[str, Tensor], outputs: Sequence[str] | None = None) -> Tensor | dict[str, Tensor]:
+    def forward(
+        self, x: Tensor | Mapping[str, Tensor], outputs: Sequence[str] | None = None
+    ) -> Tensor | dict[str, Tensor]:
         """Run the net on ``x`` (the first input, or a dict input name -> tensor).
 
         Returns the last layer's top, or with ``outputs`` a dict of those blobs (their final value,

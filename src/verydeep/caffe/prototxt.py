@@ -12,7 +12,6 @@ This module also builds the Table 1 deploy nets (:func:`vgg_net`) and recognises
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +89,8 @@ def _parse(text: str, name: str) -> NetParameter:
     except text_format.ParseError as err:
         line, col = err.GetLine(), err.GetColumn()
         detail = (str(err).split(" : ", 1)[-1] if line is not None else str(err)).replace("verydeep.caffe.", "caffe.")
-        syntax = CaffeFormatError(f"{name}:{line}:{col}: syntax error: {detail}" if line else f"{name}: syntax error: {detail}")
+        where = f"{name}:{line}:{col}" if line else name
+        syntax = CaffeFormatError(f"{where}: syntax error: {detail}")
     lenient = NetParameter()
     try:
         text_format.Parse(text, lenient, allow_unknown_field=True)
@@ -256,7 +256,8 @@ def validate(net: NetParameter, source: str = "<net>") -> None:
             param = layer.convolution_param if layer.type == "Convolution" else layer.inner_product_param
             if not param.num_output:
                 raise CaffeFormatError(f"{where}: num_output is missing")
-        if layer.type == "Convolution" and not (layer.convolution_param.kernel_size or layer.convolution_param.kernel_h):
+        conv = layer.convolution_param
+        if layer.type == "Convolution" and not (conv.kernel_size or conv.kernel_h):
             raise CaffeFormatError(f"{where}: kernel_size is missing")
         if layer.type == "LRN" and layer.lrn_param.local_size % 2 == 0:
             raise CaffeFormatError(f"{where}: local_size must be odd, found {layer.lrn_param.local_size}")
@@ -374,11 +375,11 @@ def vgg_spec(net: NetParameter) -> dict[str, Any] | None:
     """``dict(config, width, num_classes, lrn_k, dense)`` when ``net`` is a Table 1 VGG, else None.
 
     The net must be the plain chain of :func:`vgg_net` (any batch/input size, V1 or V2, with or
-    without dropout and the final Softmax) with Caffe's names on the conv and fc layers, so its
-    parameters map onto the VGG module by name.
+    without dropout, the final Softmax, data layers and loss/accuracy heads) with Caffe's names on
+    the conv and fc layers, so its parameters map onto the VGG module by name.
     """
     net = upgrade(net)
-    layers = [l for l in active_layers(net) if l.type not in INPUT_TYPES and l.type != "Dropout"]
+    layers = [l for l in active_layers(net) if not _ignored_by_vgg_spec(l)]
     if layers and layers[-1].type == "Softmax":
         layers.pop()
     if len(layers) < 2 or layers[0].name != "conv1_1" or layers[0].type != "Convolution":
@@ -397,6 +398,11 @@ def vgg_spec(net: NetParameter) -> dict[str, Any] | None:
                 k = lrn[0] if lrn else configs.LRN_DEFAULTS["k"]
                 return {"config": config, "width": width, "num_classes": num_classes, "lrn_k": k, "dense": dense}
     return None
+
+
+def _ignored_by_vgg_spec(layer: LayerParameter) -> bool:
+    """Inputs, dropout (identity at test) and the training heads a caffemodel's own net may carry."""
+    return layer.type in INPUT_TYPES or layer.type in ("Dropout", "Accuracy") or layer.type.endswith("Loss")
 
 
 def _num_output(layer: LayerParameter) -> int:
