@@ -401,21 +401,51 @@ print(json.dumps({"seconds": seconds, "params": model.num_params, "extra_kib": r
 """
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="measures memory through /proc")
-def test_full_size_vgg16_caffemodel_reads_fast_and_lean(tmp_path):
+@pytest.fixture(scope="module")
+def full_vgg16(tmp_path_factory) -> tuple[Path, dict[str, list[np.ndarray]]]:
+    """A full-size VGG-16 V1 caffemodel (the published layout) with He-scaled random weights."""
     net = vgg_net("D", batch=10)
     pattern = np.random.default_rng(0).standard_normal(1 << 20, dtype=np.float32)
-    blobs = {}
+    blobs: dict[str, list[np.ndarray]] = {}
     for i, (key, shape) in enumerate(configs.param_shapes("D").items()):  # cheap to make, distinct per blob
-        blobs.setdefault(key.split(".")[0], []).append(np.resize(np.roll(pattern, i), shape))
-    path = tmp_path / "vgg16.caffemodel"
+        scale = np.sqrt(2.0 / np.prod(shape[1:])) if key.endswith(".weight") else 0.1
+        blob = np.resize(np.roll(pattern, i), shape) * np.float32(scale)
+        blobs.setdefault(key.split(".")[0], []).append(blob)
+    path = tmp_path_factory.mktemp("full") / "vgg16.caffemodel"
     write_caffemodel(path, blobs, net, version="V1")
+    return path, blobs
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="measures memory through /proc")
+def test_full_size_vgg16_caffemodel_reads_lean(full_vgg16):
+    path, blobs = full_vgg16
     assert abs(path.stat().st_size - 553_432_081) < 1000  # the published file's size, give or take names
     run = subprocess.run([sys.executable, "-c", _READ_AND_MEASURE, str(path)], capture_output=True, text=True, check=True)
     result = json.loads(run.stdout)
     assert result["params"] == 138_357_544
     assert result["fc8_sum"] == float(blobs["fc8"][0].sum(dtype=np.float64))
     weights_kib = 138_357_544 * 4 / 1024
-    assert result["extra_kib"] - weights_kib < 1024 * 1024  # beyond the weights: far less than 1 GiB
-    assert result["seconds"] < 10  # ~1 s on an idle 2-core machine; generous for busy CI
+    # Beyond the weights themselves: far less than 1 GiB (no Python object per float).
+    assert result["extra_kib"] - weights_kib < 1024 * 1024
+    # Wall time is reported, never asserted (benchmarks/load.py measures it properly).
+    print(f"read {path.stat().st_size:,} bytes in {result['seconds']:.2f} s, peak RSS +{result['extra_kib'] / 1024:.0f} MiB")
+
+
+@pytest.mark.slow
+def test_full_size_vgg16_equals_opencv(full_vgg16):
+    """The seed's deploy prototxt + a full-size caffemodel written by verydeep: OpenCV's Caffe
+    importer and verydeep's VGG module give the same fc8."""
+    import verydeep
+
+    path, _ = full_vgg16
+    x = np.random.default_rng(5).normal(0, 50, (1, 3, 224, 224)).astype(np.float32)
+    (fc8,) = opencv_forward(Path(VGG16_DEPLOY), path, x, ["fc8"])
+    model = verydeep.load(str(path), prototxt=str(VGG16_DEPLOY))
+    assert isinstance(model, verydeep.VGG) and model.config == "D"
+    with torch.no_grad():
+        ours = model(torch.from_numpy(x)).numpy()
+    assert fc8.shape == ours.shape == (1, 1000)
+    err = rel_error(ours, fc8)
+    print(f"full VGG-16 fc8 relative error vs OpenCV: {err:.2e}")
+    assert err <= 1e-5

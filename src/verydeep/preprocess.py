@@ -89,9 +89,11 @@ def rescale(image: torch.Tensor, size: int, interpolation: str = "bilinear") -> 
 
 
 def to_caffe(rgb: torch.Tensor) -> torch.Tensor:
-    """uint8 (or float 0..255) RGB, ...x3xHxW -> float32 BGR with the mean pixel subtracted."""
-    x = rgb.to(torch.float32).flip(-3)
-    mean = torch.tensor(MEAN_BGR, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    """uint8 (or float 0..255) RGB, ...x3xHxW -> float32 BGR with the mean pixel subtracted
+    (float64 input stays float64, so float64 references and gradient checks stay exact)."""
+    dtype = torch.float64 if rgb.dtype == torch.float64 else torch.float32
+    x = rgb.to(dtype).flip(-3)
+    mean = torch.tensor(MEAN_BGR, dtype=dtype, device=x.device).view(3, 1, 1)
     return x - mean
 
 
