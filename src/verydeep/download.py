@@ -39,6 +39,19 @@ def _hashes_of(path: Path) -> tuple["hashlib._Hash", "hashlib._Hash"]:
     return md5, sha
 
 
+def verify(path: str | os.PathLike, *, size: int | None = None, md5: str | None = None) -> str:
+    """Check a complete local file (one put in the cache by hand) against ``size`` and ``md5``;
+    return its sha256. A mismatch raises :class:`WeightsError` naming the file, expected and found."""
+    path = Path(path)
+    found = path.stat().st_size
+    if size is not None and found != size:
+        raise WeightsError(f"{path}: expected {size:,} bytes, found {found:,} (incomplete or another file?)")
+    md5_h, sha_h = _hashes_of(path)
+    if md5 is not None and md5_h.hexdigest() != md5:
+        raise WeightsError(f"{path}: md5 mismatch: expected {md5}, found {md5_h.hexdigest()}")
+    return sha_h.hexdigest()
+
+
 def download(
     url: str,
     dest: str | os.PathLike,

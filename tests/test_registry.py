@@ -1,0 +1,109 @@
+"""The registry path end to end (`verydeep.load("vgg16")`), served by a local HTTP server on
+127.0.0.1 through ``$VERYDEEP_MIRROR``: download, verify, convert to the cached safetensors with
+its metadata, later loads from the cache without the network, and the offline error text."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import verydeep
+from verydeep import weights
+from verydeep.caffe import vgg_net, write_caffemodel
+from verydeep.cli import main
+from verydeep.errors import WeightsError
+from conftest import random_vgg
+from test_download import Server
+
+
+@pytest.fixture
+def published(tmp_path, monkeypatch):
+    """A narrow VGG-16 caffemodel (V1, as published) standing in for the official file: the
+    registry entry is pointed at its size and md5, the mirror at a local server."""
+    model = random_vgg("D", num_classes=1000, width=1 / 16)
+    blobs = {name: [m.weight.detach().numpy(), m.bias.detach().numpy()]
+             for name, m in model.named_children() if hasattr(m, "weight")}
+    path = tmp_path / "VGG_ILSVRC_16_layers.caffemodel"
+    write_caffemodel(path, blobs, vgg_net("D", 1 / 16, 1000, batch=10), version="V1")
+    body = path.read_bytes()
+    entry = dataclasses.replace(weights.REGISTRY["vgg16"], size=len(body), md5=hashlib.md5(body).hexdigest())
+    monkeypatch.setitem(weights.REGISTRY, "vgg16", entry)
+    server = Server({entry.filename: body})
+    monkeypatch.setenv("VERYDEEP_MIRROR", server.base)
+    yield model, body, server
+    server.close()
+
+
+def test_first_load_downloads_verifies_and_caches(published):
+    model, body, server = published
+    loaded = verydeep.load("vgg16", progress=False)
+    assert isinstance(loaded, verydeep.VGG) and loaded.config == "D"
+    for (name, a), (_, b) in zip(loaded.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), name
+    cached = weights.cached_path("vgg16")
+    meta = weights.read_metadata(cached)
+    assert meta["config"] == "D" and meta["source_sha256"] == hashlib.sha256(body).hexdigest()
+    assert meta["input_space"].startswith("caffe-bgr")
+    assert meta["class_names"][0] == "tench" and len(meta["class_names"]) == 1000
+    assert not weights.download_path("vgg16").exists()  # one copy kept: the safetensors file
+    assert not list(cached.parent.rglob("*.part")) and not list(cached.parent.rglob("*.tmp"))
+
+    requests = len(server.ranges)
+    server.close()  # later loads need no network
+    again = verydeep.load("vgg16", progress=False)
+    assert len(server.ranges) == requests
+    x = torch.randn(1, 3, 224, 224) * 50
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+
+
+def test_weights_path_and_download_commands(published, capsys):
+    assert main(["weights", "download", "vgg16"]) == 0
+    capsys.readouterr()
+    assert main(["weights", "path", "vgg16"]) == 0
+    assert capsys.readouterr().out.strip() == str(weights.cached_path("vgg16"))
+
+
+def test_offline_error_says_what_to_download_and_how_to_pass_it(monkeypatch, capsys):
+    monkeypatch.setenv("VERYDEEP_MIRROR", "http://127.0.0.1:9")  # the discard port: nothing listens
+    with pytest.raises(WeightsError) as err:
+        verydeep.load("vgg16", progress=False)
+    text = str(err.value)
+    assert "VGG_ILSVRC_16_layers.caffemodel" in text and "--weights" in text
+    assert "553,432,081" in text and "441315b0ff6932dbfde97731be7ca852" in text
+    assert main(["classify", __file__, "--weights", "vgg16"]) == 1
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and "--weights" in line and "Traceback" not in line
+
+
+def test_a_file_put_in_downloads_by_hand_is_used(published):
+    model, body, server = published
+    server.close()
+    target = weights.download_path("vgg16")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(body)
+    loaded = verydeep.load("vgg16", progress=False)
+    assert np.array_equal(loaded.fc8.weight.detach().numpy(), model.fc8.weight.detach().numpy())
+
+
+def test_a_wrong_file_put_by_hand_is_rejected(published):
+    _, body, server = published
+    server.close()
+    target = weights.download_path("vgg16")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(body[:-10] + b"0123456789")  # right size, wrong md5
+    with pytest.raises(WeightsError, match="md5"):
+        verydeep.load("vgg16", progress=False)
+    assert not weights.cached_path("vgg16").exists()
+
+
+def test_json_listing(capsys):
+    assert main(["weights", "list", "--json"]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out)
+    assert {r["name"] for r in rows} == {"vgg16", "vgg19"}
