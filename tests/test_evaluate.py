@@ -326,7 +326,7 @@ def test_interrupted_run_resumes_to_identical_scores(model, val, tmp_path):
     ds = open_eval_set(val)
     p = Protocol.make("center", [232])
     kw = dict(device="cpu", workers=0, progress=False, batch_size=2, checkpoint_every=0)
-    full = evaluate(model, ds, p, scores=tmp_path / "full.npz", **kw)
+    evaluate(model, ds, p, scores=tmp_path / "full.npz", **kw)
     calls = {"n": 0}
 
     def dying(x):

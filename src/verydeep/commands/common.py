@@ -52,3 +52,15 @@ def table(rows: list[list[Any]], header: list[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def print_skipped(items: list[tuple[str, str]], what: str, more: str, limit: int = 20) -> None:
+    """List skipped (unreadable) inputs on stderr: ``items`` are (path, reason); ``more`` says
+    where the rest of the list is when there are more than ``limit``."""
+    if not items:
+        return
+    print(f"\nskipped {len(items)} unreadable image(s){what}:", file=sys.stderr)
+    for path, reason in items[:limit]:
+        print(f"  {path}: {reason}", file=sys.stderr)
+    if len(items) > limit:
+        print(f"  ... and {len(items) - limit} more ({more})", file=sys.stderr)

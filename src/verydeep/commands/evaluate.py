@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
-from .common import add_device_options, add_json_option, add_weights_options, print_json, table
+from .common import add_device_options, add_json_option, add_weights_options, print_json, print_skipped, table
 
 EPILOG = """\
 examples:
@@ -190,9 +189,4 @@ def _report(args: argparse.Namespace, result: Any, names: Any) -> None:
     ]
     header = ["protocol", "scales Q", "images", "skipped", "top-1 err %", "top-5 err %", "top-1 acc %", "top-5 acc %", "wall s", "images/s"]
     print(table([row], header))
-    if result.failed:
-        print(f"\nskipped {len(result.failed)} unreadable image(s):", file=sys.stderr)
-        for x in result.failed[:20]:
-            print(f"  {x['id']}: {x['reason']}", file=sys.stderr)
-        if len(result.failed) > 20:
-            print(f"  ... and {len(result.failed) - 20} more (see --json or the scores file)", file=sys.stderr)
+    print_skipped([(x["id"], x["reason"]) for x in result.failed], "", "see --json or the scores file")

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from .common import add_device_options, add_json_option, add_weights_options, print_json
+from .common import add_device_options, add_json_option, add_weights_options, print_json, print_skipped
 
 EXAMPLES = """examples:
   verydeep extract photos/ --layer fc7 -o fc7.npy
@@ -82,10 +81,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {result.output}: {result.rows} of {result.images} images ({shapes})")
     for extra in result.files[1:]:
         print(f"  and {extra}")
-    if result.failed:
-        print(f"{len(result.failed)} unreadable image(s) skipped (no row):", file=sys.stderr)
-        for f in result.failed[:10]:
-            print(f"  {f.path}: {f.reason}", file=sys.stderr)
-        if len(result.failed) > 10:
-            print(f"  ... {len(result.failed) - 10} more in {result.output}.failed.tsv", file=sys.stderr)
+    print_skipped([(f.path, f.reason) for f in result.failed], " (no row)", f"listed in {result.output}.failed.tsv")
     return 0
