@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 
 import numpy as np
 import pytest
@@ -101,9 +100,3 @@ def test_a_wrong_file_put_by_hand_is_rejected(published):
         verydeep.load("vgg16", progress=False)
     assert not weights.cached_path("vgg16").exists()
 
-
-def test_json_listing(capsys):
-    assert main(["weights", "list", "--json"]) == 0
-    out = capsys.readouterr().out
-    rows = json.loads(out)
-    assert {r["name"] for r in rows} == {"vgg16", "vgg19"}
