@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from . import checkpoint, distributed
 from . import train_config as tc
 from .augment import TrainTransform, ValTransform, to_input
+from .configs import LRN_DEFAULTS
 from .errors import VerydeepError
 from .finetune import fine_tune_model, freeze, frozen_layers, param_groups
 from .init import format_rows, init_from, initialize, table_rows
@@ -56,6 +58,10 @@ from .train_data import (
 
 PRECISION = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHTS_FILE = "model.safetensors"
+#: Test hook: ``VERYDEEP_TRAIN_KILL_AT_STEP=N`` makes every rank SIGKILL itself right after
+#: optimiser step N (and the mid-epoch checkpoint that step may write), so a test can kill a
+#: run at a known point inside an epoch. Unset, it costs nothing.
+KILL_AT_ENV = "VERYDEEP_TRAIN_KILL_AT_STEP"
 
 
 @dataclass
@@ -127,7 +133,13 @@ class Trainer:
         self.bar: Any = None
         self.metrics: MetricsLog | None = None
         self._set_determinism()
+        try:
+            self._set_up(config, resume)
+        except BaseException:  # leave no process group, open file or changed torch flag behind
+            self.close()
+            raise
 
+    def _set_up(self, config: TrainConfig, resume: bool) -> None:
         self.run_dir = self._run_dir(resume)
         self.ckpt_dir = self.run_dir / "checkpoints"
         latest = self._latest_checkpoint(resume)
@@ -168,6 +180,7 @@ class Trainer:
         self.skipped: dict[str, str] = {}  # path -> reason
         self.window = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, n
         self.resumed_from: str | None = None
+        self._kill_at = int(os.environ.get(KILL_AT_ENV, "0") or 0)
         if latest is not None:
             self._restore(*latest)
         apply_lr(self.optimizer, config.lr * self.plateau.scale)
@@ -202,6 +215,11 @@ class Trainer:
         return value
 
     def _set_determinism(self) -> None:
+        """Set torch's global kernel flags for this run; :meth:`close` puts the caller's back."""
+        self._saved_flags = (
+            torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+        )  # fmt: skip
         if self.cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -243,7 +261,8 @@ class Trainer:
         torch.manual_seed(_seed_of(cfg.seed, 0xC0FFEE))
         if latest is not None:  # the checkpoint holds every parameter: no download, no init
             state = latest[1]
-            model = VGG(cfg.arch, len(classes), cfg.width, class_names=state["class_names"])
+            lrn_k = state.get("lrn_k", LRN_DEFAULTS["k"])  # A-LRN's k (from a fine-tuned caffemodel)
+            model = VGG(cfg.arch, len(classes), cfg.width, lrn_k=lrn_k, class_names=state["class_names"])
             model.load_state_dict(state["model"])
             return model
         if cfg.weights is not None:
@@ -299,7 +318,7 @@ class Trainer:
                 "the run continues but will not repeat an uninterrupted one"
             )
         self.resumed_from = str(path)
-        self.say(f"resumed from {path} (epoch {self.epoch}, step {self.step_in_epoch} of {self.steps_per_epoch})")
+        self.say(f"resumed from {path}: epoch {self.epoch + 1}, {self.step_in_epoch} of {self.steps_per_epoch} steps done")
 
     # -- the run -----------------------------------------------------------------------------
     @property
@@ -356,25 +375,41 @@ class Trainer:
         batches = micro_batches(self.n_train, cfg.batch_size, self.micro, self.ctx, cfg.seed, self.epoch, self.step_in_epoch)
         loader = make_loader(LabelledImages(self.train_set, transform), batches, cfg.crop, self.workers, self.device.type == "cuda")
         self.net.train()
+        # Times are wall-clock between points where the device has finished its queued work
+        # (a log waits for the loss sums), so CUDA's asynchrony cannot inflate images/s;
+        # checkpoint writing is left out of both the windows and train_time.
+        epoch_start = window_start = time.perf_counter()
         it = iter(loader)
-        window_start = time.perf_counter()
         while self.step_in_epoch < self.steps_per_epoch:
             if self.global_step >= self.total_steps:
+                if self.global_step % cfg.log_every:  # stopped between logs: record the partial window
+                    self._log_train(window_start)
+                self.train_time += time.perf_counter() - epoch_start
                 return False
             torch.manual_seed(_seed_of(cfg.seed, self.epoch, self.step_in_epoch, self.ctx.rank))  # dropout
-            step_start = time.perf_counter()
             self._step([next(it) for _ in range(self.accum)])
-            self.train_time += time.perf_counter() - step_start
             self.step_in_epoch += 1
             self.global_step += 1
             self.bar.update(1)
             end = self.step_in_epoch == self.steps_per_epoch
             if self.global_step % cfg.log_every == 0 or end:
-                self._log_train(time.perf_counter() - window_start)
+                self._log_train(window_start)
                 window_start = time.perf_counter()
             if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0 and not end:
+                self._sync()
+                pause = time.perf_counter()
                 self._save_checkpoint()
+                pause = time.perf_counter() - pause
+                epoch_start += pause
+                window_start += pause
+            if self.global_step == self._kill_at:
+                os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+        self.train_time += time.perf_counter() - epoch_start
         return True
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _step(self, micro: list) -> None:
         """One optimiser step over the global batch (this rank's micro-batches)."""
@@ -436,8 +471,9 @@ class Trainer:
     def lr(self) -> float:
         return self.cfg.lr * self.plateau.scale
 
-    def _log_train(self, seconds: float) -> None:
-        w = distributed.all_reduce_sum(self.window.clone(), self.ctx).tolist()
+    def _log_train(self, window_start: float) -> None:
+        w = distributed.all_reduce_sum(self.window.clone(), self.ctx).tolist()  # waits for the device
+        seconds = time.perf_counter() - window_start
         self.window.zero_()
         loss, correct, n = w
         record = {
@@ -530,6 +566,7 @@ class Trainer:
                 "window": self.window.tolist(),
                 "rng": checkpoint.rng_state(),
                 "class_names": list(self.model.class_names or []),
+                "lrn_k": self.model.lrn_k,
                 "train_size": self.n_train,
                 "config": self.cfg.to_dict(),
             }
@@ -587,13 +624,21 @@ class Trainer:
             return None
         from .curves import plot_run
 
-        return plot_run(self.run_dir)
+        try:
+            return plot_run(self.run_dir)
+        except (VerydeepError, OSError, ValueError) as e:  # the weights are saved; a plot must not fail the run
+            self.say(f"warning: no curves.png ({e}); try `verydeep plot {self.run_dir}`")
+            return None
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.metrics is not None:
             self.metrics.close()
+        deterministic, warn_only, benchmark, matmul_tf32, cudnn_tf32 = self._saved_flags
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul_tf32, cudnn_tf32
         distributed.finish(self.ctx)
 
 

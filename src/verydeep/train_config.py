@@ -99,6 +99,11 @@ class TrainConfig:
         lo, hi = self.scale_range
         if lo > hi:
             raise VerydeepError(f"scale: S_min {lo} is larger than S_max {hi}")
+        if not MIN_CROP <= self.crop <= CROP:
+            raise VerydeepError(
+                f"crop: {self.crop} cannot train the classic net: fc6 needs pool5 of 7x7, "
+                f"which crops of {MIN_CROP}..{CROP} give (the paper: {CROP})"
+            )
         if lo < self.crop or self.test_scale < self.crop:
             raise VerydeepError(f"scale: S and Q must be at least the crop size {self.crop}, found S={lo} Q={self.test_scale}")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "crop": self.crop, "log_every": self.log_every}
@@ -136,7 +141,11 @@ RESUMABLE = frozenset(
 )  # fmt: skip
 
 #: Options holding paths; relative paths in a config file are relative to that file.
-PATH_KEYS = ("data", "val", "weights", "prototxt", "out")
+#: ``init`` is a path unless it names a scheme (glorot, normal).
+PATH_KEYS = ("data", "val", "weights", "prototxt", "out", "init")
+INIT_SCHEMES = ("glorot", "normal")
+#: The crops the classic net accepts: pool5 (rounding up, like Caffe) is 7x7 for 193..224.
+CROP, MIN_CROP = 224, 193
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -224,6 +233,8 @@ def _is_name_or_url(key: str, value: str) -> bool:
     """A registry name (``--weights vgg16``) or a URL is not a path to resolve."""
     if "://" in value:
         return True
+    if key == "init":
+        return value in INIT_SCHEMES
     if key == "weights":
         from .weights import REGISTRY
 

@@ -53,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--val", metavar="VAL", help="validation ImageFolder (same class folders); drives the LR schedule")
     g.add_argument("--scale", type=int, nargs="+", metavar="S", help="training scale S, or S_min S_max for jittering (default 256)")
     g.add_argument("--val-scale", type=int, metavar="Q", help="validation scale Q (default S, or (S_min+S_max)/2)")
-    g.add_argument("--crop", type=int, help="crop size (default 224; fc6 expects 224)")
+    g.add_argument("--crop", type=int, help="crop size, 193..224 (fc6 needs pool5 7x7; default 224)")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips (default on)")
     g.add_argument("--lighting-std", type=float, metavar="STD", help="PCA colour shift std (default 0.1; 0 = off)")
     g.add_argument("--workers", type=int, help="loader processes per rank (default min(8, cpus))")
