@@ -253,7 +253,8 @@ def _run_chunks(
     dataset = ImageDataset(paths, partial(center_crop_caffe, size=size, crop=crop))
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_skipping,
                         pin_memory=dev.type == "cuda")
-    dtype = _PRECISION[precision]
+    # fp32: the exact path; bf16/fp16: the fast path (runtime.py), which computes the taps itself
+    run = model if precision == "fp32" or not hasattr(model, "optimized") else model.optimized(precision, device=dev)
     bar = tqdm(total=sum(len(b) for b in batches), unit="img", desc="extract", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     indices: list[int] = []
@@ -263,8 +264,8 @@ def _run_chunks(
         for (k, last), (idx, x, bad) in zip(plan, loader):
             failed += bad
             if idx:
-                with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
-                    got = model.features(x.to(dev, non_blocking=True), taps=layers)
+                with torch.inference_mode():
+                    got = run.features(x.to(dev, non_blocking=True), taps=layers)
                 for t in layers:
                     feats[t].append(_pooled(got[t], pool).float().cpu().numpy())
                 indices += idx
