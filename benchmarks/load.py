@@ -117,8 +117,6 @@ def main() -> int:
     caffemodel = folder / "VGG_ILSVRC_16_layers.caffemodel"
     st = folder / "vgg16.safetensors"
     if not caffemodel.exists() or not st.exists():
-        import torch
-
         from verydeep.bench import random_model
         from verydeep.caffe import read_prototxt, write_caffemodel
         from verydeep.weights import save_safetensors
@@ -131,7 +129,7 @@ def main() -> int:
                 blobs[s.name] = [layer.weight.detach().numpy(), layer.bias.detach().numpy()]
         write_caffemodel(caffemodel, blobs, read_prototxt(prototxt), version="V1")
         save_safetensors(model, st)
-        del model, blobs, torch
+        del model, blobs
     weights_mb = 138_357_544 * 4 / 2**20
     report = {
         "files": {"caffemodel_bytes": caffemodel.stat().st_size, "safetensors_bytes": st.stat().st_size,

@@ -31,9 +31,9 @@ several times faster. ``optimize`` plans once and removes those:
 * **Dense view**: fc6 is applied as a GEMM over 7x7 patches of pool5 (``unfold``) instead of a
   7x7 convolution, so the 103M fc6 weights are never re-laid out or copied.
 * ``compile=True`` instead runs a plain channels-last module through ``torch.compile`` with
-  inductor's freezing (kernels cached under :func:`compile_cache_dir`); it is opt-in because on
-  CPU it is no faster than the plan above and costs minutes of compilation (see
-  ``docs/performance.md``).
+  inductor's freezing (kernels cached under :func:`compile_cache_dir`); it is opt-in because it
+  did not pay off: 0.75x the plan's speed in bf16 on a 2-core Sapphire Rapids (0.93x in fp32)
+  after a 3-14 s first call, 0.81x on an H200 (``benchmarks/RESULTS.md``).
 
 The returned :class:`FastVGG` takes the same Caffe-space input and returns the same float32
 logits as the model (``.dense()`` the same score maps, ``.features()`` the same taps). It runs
@@ -179,10 +179,9 @@ def make_plan(
 
     ``fallback=True`` computes in fp32 when ``precision`` is not native on the device (faster
     there, and exact); ``False`` computes in the requested dtype regardless (for testing the
-    reduced-precision path on any machine). ``compile=None`` means "where it pays off": off on
-    CPU, where the pre-packed oneDNN plan runs the kernels inductor would pick without minutes
-    of compilation, and off on GPU, where CUDA graphs already remove the launch overhead and
-    the convolutions are cuDNN's either way. ``cache_bytes`` overrides :data:`CACHE_BYTES`
+    reduced-precision path on any machine). ``compile=None`` means "where it pays off", which
+    is nowhere we measured: on CPU the pre-packed oneDNN plan beat inductor's freezing output,
+    on GPU the fused cuDNN + Triton plan beat the compiled net (``benchmarks/RESULTS.md``). ``cache_bytes`` overrides :data:`CACHE_BYTES`
     (0 turns cache blocking off).
     """
     if precision not in PRECISIONS:
