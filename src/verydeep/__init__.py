@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .configs import TABLE_1
+from .configs import MEAN_BGR, TABLE_1
 from .errors import VerydeepError
 from .model import VGG, DenseVGG
-from .preprocess import MEAN_BGR, preprocess
+from .preprocess import preprocess  # imports torchvision only when first used
 
 __version__ = "0.1.0"
 
@@ -27,7 +27,7 @@ def load(source: str, prototxt: str | None = None, **kwargs: Any):
     return _load(source, prototxt=prototxt, **kwargs)
 
 
-def __getattr__(name: str) -> Any:  # lazy: keeps `import verydeep` fast
+def __getattr__(name: str) -> Any:  # lazy: `import verydeep` stays fast (torchvision is imported on use)
     if name == "PerceptualLoss":
         from .perceptual import PerceptualLoss
 

@@ -23,6 +23,10 @@ TABLE_1: dict[str, tuple[Stage, ...]] = {
     "E": ((3, 3), (3, 3), (3, 3, 3, 3), (3, 3, 3, 3), (3, 3, 3, 3)),
 }
 
+#: The mean pixel of the training set, in Caffe's channel order (B, G, R): the model's input is
+#: BGR, 0..255, with this subtracted (the model-zoo page).
+MEAN_BGR = (103.939, 116.779, 123.68)
+
 #: Output channels of each stage's convolutions (Table 1: conv3-64 ... conv3-512).
 STAGE_CHANNELS = (64, 128, 256, 512, 512)
 #: Width of fc6 and fc7.

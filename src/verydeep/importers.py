@@ -33,7 +33,7 @@ import torch
 
 from . import configs
 from .errors import WeightsError
-from .preprocess import MEAN_BGR
+from .configs import MEAN_BGR
 
 # -- input spaces ------------------------------------------------------------------------------
 

@@ -37,6 +37,10 @@ def _make_layer(spec: LayerSpec, lrn_k: float) -> nn.Module:
     raise ValueError(f"unknown layer kind {spec.kind!r}")
 
 
+#: ``VGG(class_names=IMAGENET)``: the ILSVRC-2012 class names, resolved lazily.
+IMAGENET = "imagenet"
+
+
 class VGG(nn.Module):
     """A configuration of the paper's Table 1 ("A", "A-LRN", "B", "C", "D", "E").
 
@@ -51,20 +55,37 @@ class VGG(nn.Module):
         width: float = 1.0,
         *,
         lrn_k: float = configs.LRN_DEFAULTS["k"],
-        class_names: Sequence[str] | None = None,
+        class_names: Sequence[str] | str | None = None,
     ) -> None:
         super().__init__()
         self.config = configs.canonical(config)
         self.num_classes = int(num_classes)
         self.width = float(width)
         self.lrn_k = float(lrn_k)
-        self.class_names: list[str] | None = list(class_names) if class_names is not None else None
+        self.class_names = class_names
         self.specs: list[LayerSpec] = configs.layer_specs(self.config, self.width, self.num_classes)
         for spec in self.specs:
             self.add_module(spec.name, _make_layer(spec, self.lrn_k))
         self.layer_names: list[str] = [s.name for s in self.specs] + ["prob"]
 
     # -- construction helpers -------------------------------------------------------------
+    @property
+    def class_names(self) -> list[str] | None:
+        """The output classes' names, or None. ``"imagenet"`` (given to the constructor) stands
+        for the 1000 ILSVRC-2012 names, looked up on first use: that import of torchvision
+        costs about a second, which loading a caffemodel should not pay."""
+        if self._class_names == IMAGENET:
+            from .classes import imagenet_classes
+
+            self._class_names = list(imagenet_classes())
+        return self._class_names
+
+    @class_names.setter
+    def class_names(self, names: Sequence[str] | str | None) -> None:
+        if isinstance(names, str) and names != IMAGENET:
+            raise VerydeepError(f"class_names: a list of names, {IMAGENET!r} or None, not {names!r}")
+        self._class_names = names if names is None or names == IMAGENET else list(names)
+
     def extra_repr(self) -> str:
         return f"config={self.config!r}, num_classes={self.num_classes}, width={self.width}"
 

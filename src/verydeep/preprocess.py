@@ -13,24 +13,22 @@ from typing import Union
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
-from .configs import CROP
+from .configs import CROP, MEAN_BGR
 from .errors import ImageError
 
-#: The mean pixel of the training set, in Caffe's channel order (B, G, R).
-MEAN_BGR = (103.939, 116.779, 123.68)
 #: Resize size of the seed's single-crop preprocessing (shorter side).
 RESIZE = 256
 
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]
 
+#: Rescaling names -> torchvision's InterpolationMode member names. torchvision is imported where
+#: an image is first transformed, not at import: it costs ~1 s, which loading weights should not pay.
 _INTERPOLATION = {
-    "bilinear": v2.InterpolationMode.BILINEAR,
-    "bicubic": v2.InterpolationMode.BICUBIC,
-    "nearest": v2.InterpolationMode.NEAREST,
-    "lanczos": v2.InterpolationMode.LANCZOS,
+    "bilinear": "BILINEAR",
+    "bicubic": "BICUBIC",
+    "nearest": "NEAREST",
+    "lanczos": "LANCZOS",
 }
 
 
@@ -67,6 +65,8 @@ def to_uint8_chw(image: ImageLike) -> torch.Tensor:
     if isinstance(image, (str, os.PathLike)):
         image = open_image(image)
     if isinstance(image, Image.Image):
+        from torchvision.transforms.v2 import functional as TF
+
         return TF.pil_to_tensor(to_rgb(image))
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
@@ -85,7 +85,11 @@ def to_uint8_chw(image: ImageLike) -> torch.Tensor:
 
 def rescale(image: torch.Tensor, size: int, interpolation: str = "bilinear") -> torch.Tensor:
     """Isotropic rescale so the shorter side is ``size`` (the paper's S or Q)."""
-    return TF.resize(image, [size], interpolation=_INTERPOLATION[interpolation], antialias=True)
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    mode = getattr(InterpolationMode, _INTERPOLATION[interpolation])
+    return TF.resize(image, [size], interpolation=mode, antialias=True)
 
 
 def to_caffe(rgb: torch.Tensor) -> torch.Tensor:
@@ -109,6 +113,8 @@ def center_crop_caffe(
     """The seed's single-crop preprocessing of one image: shorter side to ``size``, central
     ``crop`` x ``crop``, to Caffe space. Returns 3 x crop x crop float32."""
     rgb = rescale(to_uint8_chw(image), size, interpolation)
+    from torchvision.transforms.v2 import functional as TF
+
     return to_caffe(TF.center_crop(rgb, [crop, crop]))
 
 

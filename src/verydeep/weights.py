@@ -20,10 +20,9 @@ import torch
 from torch import nn
 
 from . import configs
-from .classes import imagenet_classes
 from .download import download, verify
 from .errors import WeightsError
-from .model import VGG
+from .model import IMAGENET, VGG
 
 #: Metadata key that marks files written by verydeep.
 FORMAT = "verydeep-weights-1"
@@ -221,8 +220,9 @@ def build_vgg(spec: dict[str, Any], state: dict[str, torch.Tensor] | None = None
     return model
 
 
-def _default_names(num_classes: int) -> list[str] | None:
-    return list(imagenet_classes()) if num_classes == 1000 else None
+def _default_names(num_classes: int) -> str | None:
+    """ImageNet's names (resolved when first used) for a 1000-class net, else none."""
+    return IMAGENET if num_classes == 1000 else None
 
 
 def caffe_arrays(blobs: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
