@@ -86,17 +86,11 @@ def over_budget(budget: float, what: str) -> bool:
 
 def timed(fn, x: torch.Tensor, iters: int, warmup: int = 3) -> dict[str, float]:
     """Images/s and latency of ``fn(x)`` over ``iters`` calls after ``warmup``; peak memory."""
-    for _ in range(warmup):
+    for _ in range(warmup - 1):  # _event_ms makes one more warm-up call
         fn(x)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn(x)
-    end.record()
-    torch.cuda.synchronize()
-    ms = start.elapsed_time(end) / iters
+    ms = _event_ms(fn, x, iters)
     return {
         "batch": x.shape[0],
         "images_per_s": round(x.shape[0] / (ms / 1000), 1),
@@ -137,18 +131,10 @@ def rel(found: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def he_vgg16(device: str) -> nn.Module:
-    from verydeep.model import VGG
+    """Full-size VGG-16 with He-initialised weights (speed does not depend on the values)."""
+    from verydeep.bench import random_model
 
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = VGG("D")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".weight"):
-                nn.init.kaiming_normal_(p, nonlinearity="relu")
-            else:
-                p.normal_(0.0, 0.01)
-    return model.eval()
+    return random_model("D").to(device)
 
 
 class NoTF32:
