@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+import verydeep
+
 from verydeep import configs
 from verydeep.caffe import (
     VGG16_DEPLOY,
@@ -334,6 +336,10 @@ def test_vgg_matches_opencv_classic_and_dense(config, version, tmp_path):
     with torch.no_grad():
         ours = graph(torch.from_numpy(x), outputs=["fc8"])["fc8"].numpy()
     assert rel_error(ours, fc8) <= 1e-5
+    vgg = verydeep.load(str(caffemodel), prototxt=str(prototxt))  # the Table 1 module, not the graph
+    assert isinstance(vgg, verydeep.VGG) and vgg.config == config
+    with torch.no_grad():
+        assert rel_error(vgg(torch.from_numpy(x)).numpy(), fc8) <= 1e-5
 
     # The fully convolutional net on a 300x419 image: Caffe's rounding gives a 4x8 score map.
     dense = vgg_net(config, NARROW, 10, dense=True, size=300)
@@ -349,6 +355,9 @@ def test_vgg_matches_opencv_classic_and_dense(config, version, tmp_path):
         ours = dense_graph(torch.from_numpy(xd), outputs=["fc8"])["fc8"].numpy()
     assert ours.shape == scores.shape == (1, 10, 4, 8)
     assert rel_error(ours, scores) <= 1e-5
+    with torch.no_grad():  # model.dense() shares the classic module's parameters
+        ours = vgg.dense()(torch.from_numpy(xd)).numpy()
+    assert ours.shape == scores.shape and rel_error(ours, scores) <= 1e-5
 
 
 def test_small_net_with_concat_eltwise_and_pooling_matches_opencv(tmp_path):
