@@ -70,6 +70,11 @@ class Failed:
     reason: str
 
 
+def reason_of(error: Exception, path: str | os.PathLike) -> str:
+    """Why an image could not be read, without the path (reports print the path beside it)."""
+    return str(error).removeprefix(f"{os.fspath(path)}: ")
+
+
 class ImageDataset(Dataset):
     """Decodes ``paths[i]`` and applies ``transform`` (uint8 3xHxW RGB -> anything).
 
@@ -88,7 +93,7 @@ class ImageDataset(Dataset):
             image = to_uint8_chw(self.paths[i])
             return i, (self.transform(image) if self.transform else image)
         except (ImageError, OSError, ValueError, RuntimeError) as e:
-            return i, Failed(i, self.paths[i], str(e))
+            return i, Failed(i, self.paths[i], reason_of(e, self.paths[i]))
 
 
 def collate_skipping(batch: list[tuple[int, Any]]) -> tuple[list[int], Any, list[Failed]]:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .distributed import Context
 from .errors import ImageError, VerydeepError
-from .images import Failed, find_images
+from .images import Failed, find_images, reason_of
 from .preprocess import to_uint8_chw
 
 
@@ -86,7 +86,7 @@ class LabelledImages(Dataset):
             crop, shift = self.transform(to_uint8_chw(path), epoch, i)
             return i, Item(crop, shift, label)
         except (ImageError, OSError, ValueError, RuntimeError) as e:
-            return i, Failed(i, path, str(e))
+            return i, Failed(i, path, reason_of(e, path))
 
 
 @dataclass
