@@ -118,8 +118,14 @@ def _fail(paths: list[Path], message: str) -> None:
 # -- formats ------------------------------------------------------------------------------------
 
 def _export_onnx(model: VGG, out: Path, space: str, dense: bool, opset: int, exporter: str) -> ExportReport:
-    import onnx
-    import onnxruntime as ort
+    try:
+        import onnx
+        import onnxruntime as ort
+    except ImportError as e:
+        raise VerydeepError(
+            f"{out}: --format onnx needs onnx and onnxruntime, which are missing ({e.name}): "
+            "pip install onnx onnxruntime onnxscript (or verydeep[all])"
+        ) from None
 
     if opset < 17:
         raise VerydeepError(f"--opset {opset}: the export needs opset 17 or later")
