@@ -16,7 +16,6 @@ rounding errors are similar, agreement rates on a random net are not those of a 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -88,10 +87,9 @@ def main() -> int:
         yd = torch.cat([fast.dense()(b[None]).mean(dim=(2, 3)) for b in bigs])
         report["precisions"][precision] = {"plan_dtype": fast.plan.dtype, "classic": stats(y, ref),
                                            "dense": stats(yd, torch.cat(ref_dense))}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    from verydeep.bench import emit_report
+
+    emit_report(report, args.out)
     return 0
 
 

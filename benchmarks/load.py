@@ -145,10 +145,9 @@ def main() -> int:
         report["caffemodel_opencv"] = {"error": str(e)[-300:]}
     report["safetensors_verydeep"] = summarize(
         [child(SAFETENSORS.format(src=src, model=str(st))) for _ in range(args.repeats)], weights_mb)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    from verydeep.bench import emit_report
+
+    emit_report(report, args.out)
     return 0
 
 

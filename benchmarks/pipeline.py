@@ -20,7 +20,6 @@ images/s per core.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -104,10 +103,9 @@ def main() -> int:
             n = count - 32
             loaders[f"{name}_workers{w}"] = {"images_per_s": round(n / dt, 1), "per_worker": round(n / dt / max(w, 1), 1)}
     report["dataloader"] = loaders
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    from verydeep.bench import emit_report
+
+    emit_report(report, args.out)
     return 0
 
 

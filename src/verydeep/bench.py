@@ -29,6 +29,7 @@ TF32 convolutions, hence their ~1e-3 "error").
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -165,6 +166,14 @@ class _RssSampler:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, _rss_bytes() or 0)
+
+
+def emit_report(report: dict[str, Any], out: str | os.PathLike | None = None) -> None:
+    """Print a benchmark report as JSON, and also write it to ``out`` when given."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
 
 
 # -- the nets -------------------------------------------------------------------------------

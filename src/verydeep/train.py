@@ -617,12 +617,7 @@ class Trainer:
         return result
 
     def _curves(self) -> Path | None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            self.say("note: matplotlib is not installed; no curves.png (pip install matplotlib, then verydeep plot RUN)")
-            return None
-        from .curves import plot_run
+        from .curves import plot_run  # matplotlib is a dependency
 
         try:
             return plot_run(self.run_dir)
