@@ -132,7 +132,7 @@ def rel(found: torch.Tensor, expected: torch.Tensor) -> float:
 
 def he_vgg16(device: str) -> nn.Module:
     """Full-size VGG-16 with He-initialised weights (speed does not depend on the values)."""
-    from verydeep.bench import random_model
+    from verydeep.bench.run import random_model
 
     return random_model("D").to(device)
 
@@ -214,7 +214,7 @@ def main() -> int:
     ceiling = guarded("matmul_ceiling", matmul_ceiling)
     ceil_ips = ceiling["ceiling_images_per_s"] if ceiling else None
 
-    from verydeep.runtime import optimize
+    from verydeep.runtime.executor import optimize
 
     model = he_vgg16("cuda")
     log("model ready")
@@ -267,7 +267,7 @@ def main() -> int:
     tv = None
     if torchvision is not None:
         try:
-            from verydeep.bench import torchvision_twin
+            from verydeep.bench.run import torchvision_twin
 
             tv = torchvision_twin(model).to(dev)
         except Exception as e:

@@ -56,10 +56,10 @@ def main() -> int:
     ap.add_argument("--dense", type=int, default=384)
     ap.add_argument("--out")
     args = ap.parse_args()
-    from verydeep.bench import random_model
+    from verydeep.bench.run import random_model
     from verydeep.errors import ImageError
-    from verydeep.evaluate import rescale
-    from verydeep.preprocess import center_crop_caffe, to_caffe, to_uint8_chw
+    from verydeep.evaluate.protocols import rescale
+    from verydeep.data.preprocess import center_crop_caffe, to_caffe, to_uint8_chw
 
     paths, folder = photo_paths(args.images)
     crops, bigs, used = [], [], []
@@ -71,7 +71,7 @@ def main() -> int:
         except ImageError:
             continue
     if args.weights:
-        from verydeep.weights import load
+        from verydeep.hub.weights import load
 
         model, weights = load(args.weights), args.weights
     else:
@@ -87,7 +87,7 @@ def main() -> int:
         yd = torch.cat([fast.dense()(b[None]).mean(dim=(2, 3)) for b in bigs])
         report["precisions"][precision] = {"plan_dtype": fast.plan.dtype, "classic": stats(y, ref),
                                            "dense": stats(yd, torch.cat(ref_dense))}
-    from verydeep.bench import emit_report
+    from verydeep.bench.run import emit_report
 
     emit_report(report, args.out)
     return 0

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import verydeep  # noqa: E402
-from verydeep.runtime import TOLERANCE  # noqa: E402
+from verydeep.runtime.executor import TOLERANCE  # noqa: E402
 
 #: The device under test; GPU_CHECKS_DEVICE=cpu dry-runs the script on a machine without one.
 GPU = os.environ.get("GPU_CHECKS_DEVICE", "cuda")
@@ -105,8 +105,8 @@ def make_images(folder: Path, n: int = 6) -> None:
 
 
 def jobs_on_cuda() -> None:
-    from verydeep.data import open_eval_set
-    from verydeep.evaluate import evaluate
+    from verydeep.data.eval_set import open_eval_set
+    from verydeep.evaluate.protocols import evaluate
 
     model = he_vgg(width=1 / 8, num_classes=3)
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,7 +125,7 @@ def jobs_on_cuda() -> None:
             if not same:
                 FAILED.append(f"evaluate {protocol} top-1")
         try:
-            from verydeep.extract import extract, read_features
+            from verydeep.extract.job import extract, read_features
 
             feats = {}
             for side, device in (("ref", "cpu"), ("dut", GPU)):

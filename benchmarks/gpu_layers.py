@@ -48,7 +48,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print(json.dumps({"error": "needs CUDA"}))
         return 2
-    from verydeep.runtime import FastVGG, make_plan, max_pool_nhwc
+    from verydeep.runtime.executor import FastVGG, make_plan, max_pool_nhwc
 
     dev = torch.device("cuda")
     bg.REPORT["machine"] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -107,7 +107,7 @@ def main() -> int:
 
         # pool1 alone: ATen (writes int64 indices on CUDA), NHWC maximum passes, amax over a view,
         # and torch.compile'd (a Triton kernel)
-        from verydeep.runtime import _compiled_pool, triton_max_pool
+        from verydeep.runtime.executor import _compiled_pool, triton_max_pool
 
         y = act(64, 224)
         t0 = time.perf_counter()
@@ -167,7 +167,7 @@ def main() -> int:
         whole[name] = bg.guarded(f"whole_{name}", one)
     if args.compile and not bg.over_budget(args.budget - 40, "compile"):
         def compiled() -> dict:
-            from verydeep.runtime import optimize
+            from verydeep.runtime.executor import optimize
 
             t0 = time.perf_counter()
             fast = optimize(model, "bf16", device=dev, compile=True)

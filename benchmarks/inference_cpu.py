@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from verydeep.bench import cpu_busy, format_report, run_bench  # noqa: E402
+from verydeep.bench.run import cpu_busy, format_report, run_bench  # noqa: E402
 
 
 def main() -> int:

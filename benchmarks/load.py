@@ -9,7 +9,7 @@ cache, i.e. a warm disk), measures:
 
 * ``import torch`` time (reported, not counted), then ``import verydeep`` (which no longer
   imports torchvision: that import cost ~0.95 s and used to dominate "after import torch");
-* ``verydeep.weights.load_caffemodel(path)``: seconds, and peak RSS (VmHWM) beyond the process's
+* ``verydeep.hub.weights.load_caffemodel(path)``: seconds, and peak RSS (VmHWM) beyond the process's
   RSS after ``import torch`` minus the weights' own 528 MiB ("beyond the weights");
 * OpenCV's ``cv2.dnn.readNetFromCaffe(prototxt, caffemodel)`` the same way (the reference figure);
 * ``verydeep.load(path.safetensors)``: seconds after ``import torch`` until a ready VGG, and its RSS;
@@ -47,7 +47,7 @@ base = rss()
 
 CAFFE = PROLOGUE + r"""
 t0 = time.perf_counter()
-from verydeep.weights import load_caffemodel  # imports verydeep (torchvision only on first image transform)
+from verydeep.hub.weights import load_caffemodel  # imports verydeep (torchvision only on first image transform)
 t_vd = time.perf_counter() - t0
 t0 = time.perf_counter()
 model = load_caffemodel({model!r})
@@ -117,9 +117,9 @@ def main() -> int:
     caffemodel = folder / "VGG_ILSVRC_16_layers.caffemodel"
     st = folder / "vgg16.safetensors"
     if not caffemodel.exists() or not st.exists():
-        from verydeep.bench import random_model
-        from verydeep.caffe import read_prototxt, write_caffemodel
-        from verydeep.weights import save_safetensors
+        from verydeep.bench.run import random_model
+        from verydeep.formats.caffe import read_prototxt, write_caffemodel
+        from verydeep.hub.weights import save_safetensors
 
         model = random_model("D")
         blobs = {}
@@ -145,7 +145,7 @@ def main() -> int:
         report["caffemodel_opencv"] = {"error": str(e)[-300:]}
     report["safetensors_verydeep"] = summarize(
         [child(SAFETENSORS.format(src=src, model=str(st))) for _ in range(args.repeats)], weights_mb)
-    from verydeep.bench import emit_report
+    from verydeep.bench.run import emit_report
 
     emit_report(report, args.out)
     return 0

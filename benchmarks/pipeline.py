@@ -69,9 +69,9 @@ def main() -> int:
     args = ap.parse_args()
     from torch.utils.data import DataLoader
 
-    from verydeep.evaluate import RescaleToScales
-    from verydeep.images import ImageDataset, collate_skipping
-    from verydeep.preprocess import center_crop_caffe, open_image, to_uint8_chw
+    from verydeep.evaluate.protocols import RescaleToScales
+    from verydeep.data.images import ImageDataset, collate_skipping
+    from verydeep.data.preprocess import center_crop_caffe, open_image, to_uint8_chw
 
     torch.set_num_threads(1)  # one core: per-core rates
     paths = make_images(Path(args.dir), args.images)
@@ -103,7 +103,7 @@ def main() -> int:
             n = count - 32
             loaders[f"{name}_workers{w}"] = {"images_per_s": round(n / dt, 1), "per_worker": round(n / dt / max(w, 1), 1)}
     report["dataloader"] = loaders
-    from verydeep.bench import emit_report
+    from verydeep.bench.run import emit_report
 
     emit_report(report, args.out)
     return 0

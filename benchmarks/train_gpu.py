@@ -60,7 +60,7 @@ def make_image_folder(root: Path, n_images: int, classes: int, height: int) -> P
 def compute_only(model: torch.nn.Module, optimizer, batch: int, crop: int, classes: int, device: torch.device,
                  dtype, channels_last: bool, warmup: int, steps: int) -> float:  # fmt: skip
     """Images/s of the same forward/backward/step on a batch already on the device."""
-    from verydeep.augment import to_input
+    from verydeep.data.augment import to_input
 
     crops = torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8, device=device)
     shifts = torch.zeros(batch, 3, device=device)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     workers = a.workers if a.workers is not None else min(12, os.cpu_count() or 1)
 
-    from verydeep.train import PRECISION, Trainer, prepare_config
+    from verydeep.train.trainer import PRECISION, Trainer, prepare_config
 
     root = Path(a.root) if a.root else Path(tempfile.mkdtemp(prefix="verydeep-train-gpu-", dir="/tmp" if os.path.isdir("/tmp") else None))
     total_steps = a.warmup + a.steps
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [r["step"] - prev["step"] for prev, r in zip(windows, timed)]  # steps per window
     seconds = sum(n * a.batch / r["images_per_s"] for n, r in zip(sizes, timed))
     report = {
-        "code_path": "verydeep.train.Trainer (loader workers, augmentation, SGD step, metrics)",
+        "code_path": "verydeep.train.trainer.Trainer (loader workers, augmentation, SGD step, metrics)",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "arch": a.arch, "width": a.width, "batch": a.batch, "micro_batch": a.micro_batch or a.batch,

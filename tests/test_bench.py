@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from verydeep import configs
-from verydeep.bench import dense_flops, format_report, random_model, run_bench, torchvision_twin
+from verydeep.bench.run import dense_flops, format_report, random_model, run_bench, torchvision_twin
 from verydeep.cli import main
 from conftest import random_vgg
 

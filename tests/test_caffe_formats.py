@@ -17,7 +17,7 @@ import torch
 import verydeep
 
 from verydeep import configs
-from verydeep.caffe import (
+from verydeep.formats.caffe import (
     VGG16_DEPLOY,
     CaffeGraph,
     format_prototxt,
@@ -28,7 +28,7 @@ from verydeep.caffe import (
     write_caffemodel,
     write_prototxt,
 )
-from verydeep.caffe import caffe_pb2 as pb
+from verydeep.formats.caffe import caffe_pb2 as pb
 from verydeep.errors import CaffeFormatError
 
 NARROW = 1 / 8
@@ -397,7 +397,7 @@ def test_lrn_k_follows_caffe_formula():
 _READ_AND_MEASURE = """
 import json, sys, time
 import numpy as np
-from verydeep.caffe import read_caffemodel
+from verydeep.formats.caffe import read_caffemodel
 def rss_kib(field):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field))

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import verydeep
-from verydeep.caffe import CaffeGraph, read_prototxt, vgg_net, write_caffemodel, write_prototxt
+from verydeep.formats.caffe import CaffeGraph, read_prototxt, vgg_net, write_caffemodel, write_prototxt
 from verydeep.cli import main
-from verydeep.weights import read_metadata
+from verydeep.hub.weights import read_metadata
 from conftest import random_vgg
 
 SMALL_NET = """name: "small"

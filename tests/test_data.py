@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import photo
 
-from verydeep.data import (
+from verydeep.data.eval_set import (
     check_labels,
     detect_layout,
     open_eval_set,

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from verydeep.download import download
+from verydeep.hub.download import download
 from verydeep.errors import WeightsError
 
 

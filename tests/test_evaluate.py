@@ -12,10 +12,10 @@ import torch
 from conftest import photo, random_vgg
 from PIL import Image
 
-from verydeep import distributed
+from verydeep.core import distributed
 from verydeep.cli import main
-from verydeep.data import open_eval_set
-from verydeep.evaluate import (
+from verydeep.data.eval_set import open_eval_set
+from verydeep.evaluate.protocols import (
     Protocol,
     Scorer,
     chunks_of,
@@ -28,7 +28,7 @@ from verydeep.evaluate import (
     save_scores,
 )
 from verydeep.errors import VerydeepError
-from verydeep.preprocess import MEAN_BGR
+from verydeep.data.preprocess import MEAN_BGR
 
 CROP = 224
 

@@ -13,7 +13,7 @@ import torch
 from conftest import photo
 
 from verydeep.cli import main
-from verydeep.evaluate import EXIT_AFTER_ENV
+from verydeep.evaluate.protocols import EXIT_AFTER_ENV
 
 PY = sys.executable
 

@@ -16,9 +16,9 @@ from conftest import random_vgg
 
 from verydeep.cli import main
 from verydeep.errors import VerydeepError
-from verydeep.export import export, probe
-from verydeep.importers import TORCHVISION_MEAN, TORCHVISION_STD, torchvision_model
-from verydeep.preprocess import MEAN_BGR
+from verydeep.formats.export import export, probe
+from verydeep.formats.importers import TORCHVISION_MEAN, TORCHVISION_STD, torchvision_model
+from verydeep.data.preprocess import MEAN_BGR
 
 TOL = 1e-4
 
@@ -150,7 +150,7 @@ def test_caffe_export_read_by_opencv(tmp_path, model, space, dense):
 
 
 def test_safetensors_round_trip_and_refusal(tmp_path, model):
-    from verydeep.weights import load
+    from verydeep.hub.weights import load
 
     report = export(model, tmp_path / "w.safetensors", "safetensors")
     back = load(report.paths[0])

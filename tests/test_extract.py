@@ -17,11 +17,11 @@ import pytest
 import torch
 from conftest import photo, random_vgg
 
-from verydeep import extract as extract_module
+from verydeep.extract import job as extract_module
 from verydeep.cli import main
-from verydeep.distributed import Context
+from verydeep.core.distributed import Context
 from verydeep.errors import VerydeepError
-from verydeep.extract import extract
+from verydeep.extract.job import extract
 
 REPO = Path(__file__).resolve().parents[1]
 

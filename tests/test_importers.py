@@ -15,7 +15,7 @@ from conftest import random_vgg
 
 import verydeep
 from verydeep.errors import WeightsError
-from verydeep.importers import (
+from verydeep.formats.importers import (
     TORCHVISION_MEAN,
     TORCHVISION_STD,
     fold_input,
@@ -28,7 +28,7 @@ from verydeep.importers import (
     torchvision_model,
     unfold_input,
 )
-from verydeep.preprocess import MEAN_BGR
+from verydeep.data.preprocess import MEAN_BGR
 
 WIDTH = 1 / 16
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from verydeep import MEAN_BGR, preprocess
 from verydeep.errors import ImageError
-from verydeep.preprocess import center_crop_caffe, open_image, to_caffe, from_caffe
+from verydeep.data.preprocess import center_crop_caffe, open_image, to_caffe, from_caffe
 
 
 def test_channel_order_and_mean_on_a_flat_colour():

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import verydeep
-from verydeep import weights
-from verydeep.caffe import vgg_net, write_caffemodel
+from verydeep.hub import weights
+from verydeep.formats.caffe import vgg_net, write_caffemodel
 from verydeep.cli import main
 from verydeep.errors import WeightsError
 from conftest import random_vgg

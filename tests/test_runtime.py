@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from verydeep.errors import VerydeepError
-from verydeep.runtime import TOLERANCE, FastVGG, make_plan, max_pool_nhwc, native, optimize
+from verydeep.runtime.executor import TOLERANCE, FastVGG, make_plan, max_pool_nhwc, native, optimize
 from conftest import random_vgg
 
 CPU = torch.device("cpu")
@@ -182,7 +182,7 @@ def test_plan_cpu_choices():
 
 
 def test_plan_falls_back_to_fp32_where_not_native(monkeypatch):
-    import verydeep.runtime as rt
+    import verydeep.runtime.executor as rt
 
     monkeypatch.setattr(rt, "native", lambda precision, device: precision == "fp32")
     plan = rt.make_plan("bf16", "cpu")
@@ -198,7 +198,7 @@ def test_plan_falls_back_to_fp32_where_not_native(monkeypatch):
 
 
 def test_native_bf16_follows_cpu_flags(monkeypatch):
-    import verydeep.runtime as rt
+    import verydeep.runtime.executor as rt
 
     if not (rt.onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         pytest.skip("no oneDNN bf16 in this build")
@@ -314,8 +314,8 @@ def test_cuda_graphs_match(precision):
 
 # -- the commands' fast-path call sites ---------------------------------------------------------------
 def test_extract_bf16_uses_the_fast_path(tmp_path, image_files, monkeypatch):
-    from verydeep import runtime
-    from verydeep.extract import extract, read_features
+    from verydeep.runtime import executor as runtime
+    from verydeep.extract.job import extract, read_features
 
     calls = []
     original = runtime.FastVGG.features
@@ -340,7 +340,7 @@ def test_extract_bf16_uses_the_fast_path(tmp_path, image_files, monkeypatch):
 
 TRITON_CHECK = """
 import torch, torch.nn.functional as F
-from verydeep.runtime import triton_max_pool
+from verydeep.runtime.executor import triton_max_pool
 for dtype in (torch.float32, torch.bfloat16):
     for shape in ((2, 4, 8, 8), (1, 3, 7, 9), (2, 8, 30, 41), (1, 16, 5, 5)):
         x = torch.randn(*shape).to(dtype).contiguous(memory_format=torch.channels_last)

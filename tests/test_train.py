@@ -26,8 +26,8 @@ from test_train_helpers import CLASSES, make_image_folder, read_jsonl
 import verydeep
 from verydeep import VGG
 from verydeep.cli import main
-from verydeep.train import KILL_AT_ENV, Trainer, prepare_config
-from verydeep.weights import save_safetensors
+from verydeep.train.trainer import KILL_AT_ENV, Trainer, prepare_config
+from verydeep.hub.weights import save_safetensors
 
 PY = sys.executable
 TINY = 1 / 32  # conv1 has 2 channels: a forward/backward pass at 224 takes milliseconds
@@ -137,7 +137,7 @@ def test_trained_weights_load_and_classify_with_the_class_names(learned, capsys)
 def test_curves_png_is_a_plot_of_the_logged_values(learned, tmp_path):
     from PIL import Image
 
-    from verydeep.curves import figure
+    from verydeep.train.curves import figure
 
     png = learned["out"] / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -275,9 +275,9 @@ def test_gradient_accumulation_gives_the_full_batch_step(tiny, tmp_path, capsys)
 
 def test_one_step_is_the_textbook_sgd_step(tiny, tmp_path):
     """w <- w - lr * (grad of the batch-mean cross-entropy + wd * w): momentum's first step."""
-    from verydeep.augment import TrainTransform, to_input
-    from verydeep.distributed import Context
-    from verydeep.train_data import LabelledImages, collate, micro_batches, scan_image_folder
+    from verydeep.data.augment import TrainTransform, to_input
+    from verydeep.core.distributed import Context
+    from verydeep.data.training import LabelledImages, collate, micro_batches, scan_image_folder
 
     train, _ = tiny
     init = _initial_weights(train, tmp_path / "init")
@@ -459,7 +459,7 @@ def test_learning_rate_drops_tenfold_on_a_plateau_at_most_three_times(tiny, tmp_
 
 
 def test_plateau_rule():
-    from verydeep.schedule import Plateau
+    from verydeep.train.schedule import Plateau
 
     p = Plateau(factor=0.1, patience=2, max_drops=3)
     drops = [p.step(t) for t in [0.30, 0.40, 0.40, 0.39, 0.45, 0.44, 0.44, 0.50, 0.50, 0.50, 0.50, 0.50, 0.50, 0.50]]
@@ -506,7 +506,7 @@ def test_toml_config_with_cli_overrides_is_saved_as_the_effective_config(tiny, t
 
 
 def test_scale_jitter_crop_flip_and_colour_shift():
-    from verydeep.augment import IMAGENET_EIGVAL, TrainTransform
+    from verydeep.data.augment import IMAGENET_EIGVAL, TrainTransform
 
     image = torch.randint(0, 256, (3, 300, 400), dtype=torch.uint8)
     t = TrainTransform((256, 512), 224, True, 0.1, seed=0)

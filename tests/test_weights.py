@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 import verydeep
 from verydeep.errors import WeightsError
-from verydeep.weights import read_metadata, save_safetensors, vgg_spec_from_shapes
+from verydeep.hub.weights import read_metadata, save_safetensors, vgg_spec_from_shapes
 from verydeep import configs
 from conftest import random_vgg
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .configs import MEAN_BGR, TABLE_1
-from .errors import VerydeepError
-from .model import VGG, DenseVGG
-from .preprocess import preprocess  # imports torchvision only when first used
+from verydeep.configs import MEAN_BGR, TABLE_1
+from verydeep.errors import VerydeepError
+from verydeep.models.vgg import VGG, DenseVGG
+from verydeep.data.preprocess import preprocess  # imports torchvision only when first used
 
 __version__ = "0.1.0"
 
@@ -21,15 +21,15 @@ __all__ = ["VGG", "DenseVGG", "TABLE_1", "MEAN_BGR", "VerydeepError", "load", "p
 
 
 def load(source: str, prototxt: str | None = None, **kwargs: Any):
-    """Load weights by registry name (``vgg16``, ``vgg19``), local path or URL; see :mod:`verydeep.weights`."""
-    from .weights import load as _load
+    """Load weights by registry name (``vgg16``, ``vgg19``), local path or URL; see :mod:`verydeep.hub.weights`."""
+    from verydeep.hub.weights import load as _load
 
     return _load(source, prototxt=prototxt, **kwargs)
 
 
 def __getattr__(name: str) -> Any:  # lazy: `import verydeep` stays fast (torchvision is imported on use)
     if name == "PerceptualLoss":
-        from .perceptual import PerceptualLoss
+        from verydeep.models.perceptual import PerceptualLoss
 
         return PerceptualLoss
     raise AttributeError(f"module 'verydeep' has no attribute {name!r}")

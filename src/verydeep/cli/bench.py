@@ -1,0 +1,74 @@
+"""verydeep bench — images/s, latency and memory of the fast path against the baselines."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from verydeep.cli.common import add_json_option, print_json
+
+EXAMPLES = """examples:
+  verydeep bench                                   # VGG-16, random weights: batch 1 and 16, fp32 and bf16, dense Q=384
+  verydeep bench --batch 16 --precision bf16 --dense 0 --repeats 10
+  verydeep bench --weights vgg16 --json > bench.json
+  verydeep bench --arch E --baselines torchvision,onnxruntime --threads 2
+  verydeep bench --arch D --width 0.0625 --repeats 2 --warmup 1 --json   # a quick smoke run
+
+Measurements of all engines are interleaved in one process; ratios are to torchvision's eager
+fp32 VGG (the classic net) and to verydeep's exact eager dense view (dense).
+"""
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="measure inference speed of the fast path against torchvision / onnxruntime / OpenCV",
+        description="Images/s, latency, peak memory and fidelity of model.optimized() per precision, "
+        "against torchvision's eager fp32 VGG in the same process (and onnxruntime / OpenCV when installed).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--weights", metavar="NAME|PATH", help="weights to measure (default: random weights; speed does not depend on them)")
+    p.add_argument("--prototxt", metavar="PATH", help="deploy prototxt for a caffemodel whose net is not a known VGG")
+    p.add_argument("--arch", default="D", help="Table 1 configuration without --weights (default: %(default)s)")
+    p.add_argument("--width", type=float, default=1.0, help="channel width factor without --weights (default: %(default)s)")
+    p.add_argument("--num-classes", type=int, default=1000, help="classes without --weights (default: %(default)s)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16], metavar="N", help="classic-net batch sizes (default: 1 16)")
+    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16", "fp16"), default=["fp32", "bf16"],
+                   help="fast-path precisions to measure (default: fp32 bf16)")
+    p.add_argument("--dense", type=int, default=384, metavar="Q",
+                   help="dense net on one Q x 4Q/3 image; 0 skips it (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5, metavar="N", help="timed calls per engine and input (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed first calls (default: %(default)s)")
+    p.add_argument("--baselines", type=_csv, default=["torchvision", "onnxruntime", "opencv"], metavar="LIST",
+                   help="comma-separated: torchvision, exact, onnxruntime, opencv (default: torchvision,onnxruntime,opencv)")
+    p.add_argument("--compile", action="store_true", help="also measure the torch.compile variant of each precision")
+    p.add_argument("--threads", type=int, metavar="N", help="torch/onnxruntime/OpenCV threads (default: torch's)")
+    p.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1); default: cuda if available")
+    p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+    add_json_option(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from verydeep.bench.run import format_report, run_bench
+
+    def progress(msg: str) -> None:
+        if not args.quiet:
+            print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+    report = run_bench(
+        weights=args.weights, prototxt=args.prototxt, arch=args.arch, width=args.width, num_classes=args.num_classes,
+        batches=args.batch, precisions=args.precision, dense=args.dense or None, repeats=args.repeats,
+        warmup=args.warmup, baselines=args.baselines, device=args.device, threads=args.threads,
+        compile=args.compile, progress=progress,
+    )
+    if args.json:
+        print_json(report)
+    else:
+        print(format_report(report))
+    return 0

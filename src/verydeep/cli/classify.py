@@ -1,0 +1,51 @@
+"""verydeep classify IMAGE... — top-k classes with the seed's preprocessing."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from verydeep.cli.common import add_device_options, add_json_option, add_weights_options, print_json, resolve_device, table
+
+EXAMPLES = """examples:
+  verydeep classify cat.jpg
+  verydeep classify *.jpg --top 3 --json
+  verydeep classify photo.png --weights VGG_ILSVRC_16_layers.caffemodel --precision bf16
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "classify",
+        help="top-k ImageNet classes for images",
+        description="Shorter side to 256, central 224x224 crop, BGR, mean pixel subtracted; soft-max of fc8.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    add_weights_options(p)
+    p.add_argument("--top", type=int, default=5, help="classes per image (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16)
+    add_device_options(p)
+    add_json_option(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from verydeep.evaluate.classify import classify_files
+    from verydeep.hub.weights import load
+
+    model = load(args.weights, args.prototxt)
+    results, errors = classify_files(
+        model, args.images, top=args.top, batch_size=args.batch_size,
+        device=resolve_device(args.device), precision=args.precision,
+    )
+    if args.json:
+        print_json(results)
+    else:
+        for r in results:
+            rows = [[p["index"], p["label"], f"{p['probability']:.4f}"] for p in r["predictions"]]
+            print(f"{r['image']}:\n" + table(rows, ["class", "label", "probability"]) + "\n")
+    for e in errors:
+        print(f"verydeep classify: error: {e}", file=sys.stderr)
+    return 1 if errors else 0

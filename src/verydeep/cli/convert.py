@@ -1,0 +1,33 @@
+"""verydeep convert IN -o OUT.safetensors — any supported weights file to verydeep's safetensors."""
+
+from __future__ import annotations
+
+import argparse
+
+EXAMPLES = """examples:
+  verydeep convert VGG_ILSVRC_16_layers.caffemodel -o vgg16.safetensors
+  verydeep convert my_finetuned.caffemodel --prototxt deploy.prototxt -o mine.safetensors
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert a caffemodel (or .pth/.h5) to a safetensors file",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("input", metavar="IN")
+    p.add_argument("--prototxt", metavar="PATH")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from verydeep.hub.download import file_digest
+    from verydeep.hub.weights import load, save_safetensors
+
+    model = load(args.input, args.prototxt)
+    save_safetensors(model, args.output, source=str(args.input), source_sha256=file_digest(args.input))
+    print(f"wrote {args.output}")
+    return 0

@@ -1,0 +1,192 @@
+"""``verydeep evaluate``: the paper's test protocols on a validation set, or fusing saved runs."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from verydeep.cli.common import add_device_options, add_json_option, add_weights_options, print_json, print_skipped, table
+
+EPILOG = """\
+examples:
+  # the paper's multi-scale dense evaluation (Table 4: 24.8 / 7.5 for VGG-16)
+  verydeep evaluate val/ --protocol dense --scales 256 384 512 --scores dense.npz
+  # multi-crop, then the fusion of both runs (Table 5: multi-crop & dense)
+  verydeep evaluate val/ --protocol multicrop --scores multicrop.npz
+  verydeep evaluate --combine dense.npz multicrop.npz
+  # the seed's single centre crop, no flip, 500 images spread over the set
+  verydeep evaluate val/ --protocol center --scales 256 --no-flip --limit 500
+  # other layouts: Caffe's list, the devkit's ground truth (+ meta.mat), Kaggle's CSV
+  verydeep evaluate ILSVRC2012_img_val/ --labels val.txt
+  verydeep evaluate ILSVRC2012_img_val/ --labels ILSVRC2012_validation_ground_truth.txt --meta meta.mat
+  verydeep evaluate ILSVRC/Data/CLS-LOC/val/ --labels LOC_val_solution.csv
+  # a long run: kill it any time, then continue with the same command plus --resume
+  verydeep evaluate val/ --protocol combined --scores combined.npz --resume
+  # many GPUs (the images are split exactly across ranks; rank 0 prints and writes)
+  torchrun --nproc_per_node 8 -m verydeep evaluate val/ --protocol dense --scores dense.npz
+"""
+
+
+def add_parser(sub: Any) -> None:
+    from verydeep.data.eval_set import LAYOUTS
+    from verydeep.evaluate.protocols import DENSE_AVERAGES, GRIDS, INTERPOLATIONS, PROTOCOLS
+
+    p = sub.add_parser(
+        "evaluate",
+        help="top-1/top-5 error under the paper's test protocols (center, multi-crop, dense, combined)",
+        description="Evaluate a model on a labelled image set with the test protocols of the paper "
+        "(Sec. 3.2), at one or several test scales Q; or fuse saved runs with --combine.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("data", nargs="?", metavar="DATA", help="folder of images (ImageFolder val/<wnid>/*, or flat with --labels)")
+    g = p.add_argument_group("data")
+    g.add_argument("--labels", metavar="FILE", help="Caffe list (name label), devkit ground truth, or LOC_val_solution.csv")
+    g.add_argument("--layout", choices=LAYOUTS, default="auto", help="data layout (default: detected)")
+    g.add_argument("--meta", metavar="MAT", help="the devkit's meta.mat (default: next to the ground-truth file)")
+    g.add_argument(
+        "--synsets",
+        metavar="FILE",
+        help="class list fixing the class order (LOC_synset_mapping.txt, synset_words.txt, meta.mat)",
+    )
+    g.add_argument("--limit", type=int, metavar="N", help="evaluate N images spread evenly over the set")
+    g = p.add_argument_group("protocol")
+    g.add_argument("--protocol", choices=PROTOCOLS, default="dense", help="test protocol (default: %(default)s)")
+    g.add_argument(
+        "--scales", type=int, nargs="+", metavar="Q", help="test scales Q, shorter side (default: 256 for center, else 256 384 512)"
+    )
+    g.add_argument("--no-flip", action="store_true", help="do not add horizontally flipped images/crops")
+    g.add_argument("--interpolation", choices=tuple(INTERPOLATIONS), default="bilinear", help="rescaling (default: %(default)s, antialiased)")
+    g.add_argument("--grid", choices=GRIDS, default="span", help="multi-crop placement (default: %(default)s: corners to corners)")
+    g.add_argument("--grid-size", type=int, default=5, metavar="N", help="multi-crop grid N x N (default: %(default)s)")
+    g.add_argument(
+        "--dense-average",
+        choices=DENSE_AVERAGES,
+        default="scores",
+        help="average the class score map before the soft-max (scores, the paper) or after (default: %(default)s)",
+    )
+    g = p.add_argument_group("model and device")
+    add_weights_options(g)
+    add_device_options(g)
+    g.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per batch (default: %(default)s)")
+    g.add_argument(
+        "--max-batch", type=int, default=128, metavar="N", help="most 224x224 crops (or as many pixels) per forward pass (default: %(default)s)"
+    )
+    g.add_argument("--workers", type=int, metavar="N", help="decoding processes (default: min(8, CPUs); 0 decodes in the main process)")
+    g = p.add_argument_group("results")
+    g.add_argument("--scores", metavar="OUT.npz", help="write per-image soft-max, labels and ids (partial results go to OUT.npz.parts/)")
+    g.add_argument("--resume", action="store_true", help="continue the run whose partial results are next to --scores")
+    g.add_argument(
+        "--checkpoint-every", type=float, default=60.0, metavar="SECONDS", help="flush partial results this often (default: %(default)s)"
+    )
+    g.add_argument("--predictions", metavar="OUT.csv", help="write each image's top-5 classes")
+    g.add_argument("--combine", nargs="+", metavar="NPZ", help="fuse saved runs (average their soft-max) instead of evaluating")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_json_option(g)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from verydeep.core import distributed
+    from verydeep.errors import VerydeepError
+    from verydeep.evaluate.protocols import combine, save_scores, write_predictions
+
+    if args.combine:
+        if args.data:
+            raise VerydeepError("--combine fuses saved scores files; do not pass DATA with it")
+        result = combine(args.combine)
+        if args.scores:
+            save_scores(result, args.scores)
+        _report(args, result, None)
+        return 0
+    if not args.data:
+        raise VerydeepError("DATA is required (a folder of images), or --combine A.npz B.npz")
+    ctx = distributed.init(args.device)
+    try:
+        result, names = _evaluate(args, ctx)
+        if result is None:  # not rank 0
+            return 0
+        if args.predictions:
+            write_predictions(result, args.predictions, names)
+        _report(args, result, names)
+        return 0
+    finally:
+        distributed.finish(ctx)
+
+
+def _evaluate(args: argparse.Namespace, ctx: Any) -> tuple[Any, Any]:
+    from verydeep.core import distributed
+    from verydeep.data.eval_set import open_eval_set
+    from verydeep.evaluate.protocols import Protocol, evaluate
+    from verydeep.hub.weights import load
+
+    device = distributed.device_for(ctx, args.device)
+    data = open_eval_set(args.data, args.labels, layout=args.layout, meta=args.meta, synsets=args.synsets, limit=args.limit)
+    protocol = Protocol.make(
+        args.protocol,
+        args.scales,
+        flip=not args.no_flip,
+        interpolation=args.interpolation,
+        grid=args.grid,
+        grid_size=args.grid_size,
+        dense_average=args.dense_average,
+    )
+    # Rank 0 fetches/converts the weights into the cache first; the others then map the file.
+    if not ctx.is_main:
+        distributed.barrier(ctx)
+    model = load(args.weights, args.prototxt, device=device, progress=ctx.is_main)
+    if ctx.is_main:
+        distributed.barrier(ctx)
+    result = evaluate(
+        model,
+        data,
+        protocol,
+        device=device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        max_batch=args.max_batch,
+        workers=args.workers,
+        scores=args.scores,
+        resume=args.resume,
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.no_progress,
+        ctx=ctx,
+        run_info={"weights": str(args.weights), "data": str(args.data), "labels": args.labels},
+    )
+    return result, getattr(model, "class_names", None)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _report(args: argparse.Namespace, result: Any, names: Any) -> None:
+    summary = result.summary()
+    unlabeled = result.labels is None
+    if args.json:
+        if unlabeled and not args.predictions:
+            summary["predictions"] = result.predictions(5, names)
+        print_json(summary)
+        return
+    m = summary["metrics"] or {}
+    protocol = result.protocol
+    scales = ",".join(map(str, protocol.get("scales", []))) or "-"
+    if unlabeled and not args.predictions:
+        rows = [[p["id"], p["names"][0] if p.get("names") else p["top"][0], f"{p['probabilities'][0]:.4f}"] for p in result.predictions(1, names)]
+        print(table(rows, ["image", "top-1", "probability"]))
+        print()
+    row = [
+        protocol.get("name", "?") + ("" if protocol.get("flip", True) else " (no flip)"),
+        scales,
+        summary["images"],
+        summary["skipped"],
+        _fmt(m.get("top1_error_pct")),
+        _fmt(m.get("top5_error_pct")),
+        _fmt(m.get("top1_accuracy_pct")),
+        _fmt(m.get("top5_accuracy_pct")),
+        f"{summary['wall_s']:.1f}",
+        f"{summary['images_per_s']:.1f}",
+    ]
+    header = ["protocol", "scales Q", "images", "skipped", "top-1 err %", "top-5 err %", "top-1 acc %", "top-5 acc %", "wall s", "images/s"]
+    print(table([row], header))
+    print_skipped([(x["id"], x["reason"]) for x in result.failed], "", "see --json or the scores file")

@@ -1,0 +1,85 @@
+"""verydeep extract DATA --layer fc7 ... -o OUT — features of one's own images, resumable and sharded."""
+
+from __future__ import annotations
+
+import argparse
+
+from verydeep.cli.common import add_device_options, add_json_option, add_weights_options, print_json, print_skipped
+
+EXAMPLES = """examples:
+  verydeep extract photos/ --layer fc7 -o fc7.npy
+  verydeep extract list.txt --layer fc7 --layer pool5 -o feats.parquet
+  verydeep extract photos/ --layer relu5_3 --pool avg -o relu5_3.h5 --batch-size 64 --workers 8
+  find photos -name '*.jpg' | verydeep extract - --layer fc7 -o fc7.npz
+  verydeep extract photos/ --layer fc7 -o fc7.npz --resume        # after an interruption
+  torchrun --nproc_per_node 4 -m verydeep extract photos/ --layer fc7 -o fc7.npz   # one shard per GPU
+
+DATA is a folder (scanned recursively, sorted), a list file (one path per line, first column;
+relative paths are relative to the list's folder) or '-' for paths on stdin. Rows follow the
+input order; an unreadable image has no row and is listed in OUT.failed.tsv.
+
+Layers are Caffe's names: conv1_1 (before its ReLU), relu1_1 (after), pool1, ..., fc6, relu6,
+fc7, relu7, fc8, prob. Caffe's own `fc7` blob holds relu7's values (its ReLU works in place):
+pass --layer relu7 to get what Caffe's extract_features gives for fc7.
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "extract",
+        help="extract features (fc7, pool5, relu4_3, ...) of many images to .npy/.npz/.parquet/.h5",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("data", metavar="DATA", help="folder, list file, or '-' (paths on stdin)")
+    p.add_argument("--layer", action="append", required=True, metavar="NAME", help="Caffe layer name (repeatable)")
+    p.add_argument("--pool", choices=("none", "avg", "max"), default="none",
+                   help="reduce spatial maps to one vector per image (default: %(default)s)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="OUT.npy (one layer), .npz, .parquet or .h5")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per batch (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="decoding processes (default: min(4, CPUs))")
+    p.add_argument("--size", type=int, default=256, metavar="S", help="shorter side before cropping (default: %(default)s)")
+    p.add_argument("--crop", type=int, default=224, metavar="C", help="central crop (default: %(default)s)")
+    p.add_argument("--chunk-size", type=int, default=None, metavar="N",
+                   help="images per saved part (default: about 256 MiB of features)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same options")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT and any partial results")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_weights_options(p)
+    add_device_options(p)
+    add_json_option(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from verydeep.core import distributed
+    from verydeep.errors import VerydeepError
+    from verydeep.extract.job import extract
+    from verydeep.data.images import resolve_inputs
+    from verydeep.hub.weights import load
+
+    if args.batch_size < 1:
+        raise VerydeepError(f"--batch-size must be at least 1, found {args.batch_size}")
+    ctx = distributed.init(args.device)
+    try:
+        inputs = resolve_inputs(args.data)
+        model = load(args.weights, args.prototxt)
+        result = extract(
+            model, inputs, args.layer, args.output, pool=args.pool, batch_size=args.batch_size,
+            workers=args.workers, size=args.size, crop=args.crop, resume=args.resume, overwrite=args.overwrite,
+            device=args.device, precision=args.precision, chunk_size=args.chunk_size, ctx=ctx,
+            progress=not args.no_progress,
+        )
+    finally:
+        distributed.finish(ctx)
+    if result is None:  # not rank 0
+        return 0
+    if args.json:
+        print_json(result.as_dict())
+        return 0
+    shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in result.shapes.items())
+    print(f"wrote {result.output}: {result.rows} of {result.images} images ({shapes})")
+    for extra in result.files[1:]:
+        print(f"  and {extra}")
+    print_skipped([(f.path, f.reason) for f in result.failed], " (no row)", f"listed in {result.output}.failed.tsv")
+    return 0

@@ -1,0 +1,349 @@
+"""Labelled image sets in the layouts ILSVRC-2012 validation data comes in.
+
+Users hold the 50,000 validation images in one of four layouts (design §4); each maps to the
+same class indices: the position of the class's WordNet id among the sorted wnids, which is
+the order the models' 1000 outputs are in.
+
+===============  ==========================================================  ===============
+layout           files                                                        order
+===============  ==========================================================  ===============
+``imagefolder``  ``DATA/<wnid>/*.JPEG``; class index = sorted folder names    folder, name
+``caffe``        ``val.txt`` lines ``ILSVRC2012_val_00000001.JPEG 65``        file order
+``devkit``       ``ILSVRC2012_validation_ground_truth.txt`` (ILSVRC2012_ID     line order
+                 per line, image i = ``ILSVRC2012_val_%08d.JPEG``) + ``meta.mat``
+``kaggle``       ``LOC_val_solution.csv`` + ``LOC_synset_mapping.txt``        ImageId
+``unlabeled``    any folder (or list file) of images; predictions only        path
+===============  ==========================================================  ===============
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from verydeep.errors import VerydeepError
+from verydeep.data.images import IMAGE_SUFFIXES, find_images, resolve_inputs
+
+LAYOUTS = ("auto", "imagefolder", "caffe", "devkit", "kaggle", "unlabeled")
+
+#: File names the devkit and Kaggle use; found next to the labels file when not given.
+DEVKIT_META = "meta.mat"
+KAGGLE_SYNSETS = "LOC_synset_mapping.txt"
+#: How the devkit and Kaggle name validation image i (1-based).
+DEVKIT_IMAGE = "ILSVRC2012_val_{:08d}.JPEG"
+KAGGLE_SUFFIX = ".JPEG"
+
+_WNID = re.compile(r"^n\d{8}$")
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Images to evaluate, in a fixed order, with their class indices (None: unlabeled).
+
+    ``ids`` name images in results (the path relative to ``root`` for folders, the name in
+    the labels file otherwise); ``classes`` lists the wnid (or folder name) of each class
+    index when the layout knows it.
+    """
+
+    root: Path
+    paths: tuple[Path, ...]
+    ids: tuple[str, ...]
+    labels: tuple[int, ...] | None
+    classes: tuple[str, ...] | None
+    layout: str
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def labeled(self) -> bool:
+        return self.labels is not None
+
+    def subset(self, indices: Sequence[int]) -> "EvalSet":
+        return replace(
+            self,
+            paths=tuple(self.paths[i] for i in indices),
+            ids=tuple(self.ids[i] for i in indices),
+            labels=None if self.labels is None else tuple(self.labels[i] for i in indices),
+        )
+
+    def spread(self, n: int | None) -> "EvalSet":
+        """``n`` images spread evenly over the set (all when ``n`` is None or too large).
+
+        Evenly spaced rather than the first ``n``: an ImageFolder lists class by class, so
+        its first 500 images would all be tench.
+        """
+        if n is None or n >= len(self):
+            return self
+        if n <= 0:
+            raise VerydeepError(f"--limit must be positive, found {n}")
+        total = len(self)
+        return self.subset([i * total // n for i in range(n)])
+
+
+# -- class lists --------------------------------------------------------------------------------
+def read_synsets(path: str | os.PathLike) -> tuple[str, ...]:
+    """The sorted wnids of a class list: ``LOC_synset_mapping.txt`` / ``synset_words.txt``
+    (``wnid words`` per line), a plain wnid-per-line file, or the devkit's ``meta.mat``."""
+    path = Path(path)
+    if path.suffix.lower() == ".mat":
+        return tuple(sorted(read_meta_mat(path).values()))
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise VerydeepError(f"{path}: cannot read the class list ({e.strerror or e})") from None
+    wnids = [line.split()[0] for line in lines if line.strip() and not line.startswith("#")]
+    bad = [w for w in wnids if not _WNID.match(w)]
+    if bad:
+        raise VerydeepError(f"{path}: expected a WordNet id (n########) first on each line, found {bad[0]!r}")
+    if len(set(wnids)) != len(wnids):
+        raise VerydeepError(f"{path}: a wnid is listed twice")
+    return tuple(sorted(wnids))
+
+
+def read_meta_mat(path: str | os.PathLike) -> dict[int, str]:
+    """ILSVRC2012_ID -> wnid of the leaf synsets (num_children == 0) in the devkit's meta.mat."""
+    try:
+        from scipy.io import loadmat
+    except ImportError:  # pragma: no cover - scipy is an optional dependency
+        raise VerydeepError(f"{path}: reading the devkit's meta.mat needs scipy (pip install scipy)") from None
+    try:
+        synsets = loadmat(str(path), squeeze_me=True)["synsets"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise VerydeepError(f"{path}: not the devkit's meta.mat with a 'synsets' struct ({e})") from None
+    names = synsets.dtype.names or ()
+    missing = {"ILSVRC2012_ID", "WNID", "num_children"} - set(names)
+    if missing:
+        raise VerydeepError(f"{path}: synsets lack the field(s) {', '.join(sorted(missing))}")
+    import numpy as np
+
+    ids = np.atleast_1d(synsets["ILSVRC2012_ID"])
+    wnids = np.atleast_1d(synsets["WNID"])
+    children = np.atleast_1d(synsets["num_children"])
+    return {int(i): str(w) for i, w, c in zip(ids, wnids, children) if int(c) == 0}
+
+
+def _index_of(wnids: Sequence[str]) -> dict[str, int]:
+    return {w: i for i, w in enumerate(sorted(wnids))}
+
+
+# -- layouts ------------------------------------------------------------------------------------
+def read_imagefolder(root: str | os.PathLike, synsets: Sequence[str] | None = None) -> EvalSet:
+    """``root/<class>/**/image``: class index = position of the folder name among the sorted
+    folder names (torchvision's ImageFolder), or among ``synsets`` when given (so that a
+    folder holding only some of the 1000 classes still maps to the model's outputs)."""
+    root = Path(root)
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise VerydeepError(f"{root}: no class folders (expected {root}/<wnid>/*.JPEG)")
+    classes = tuple(sorted(synsets)) if synsets is not None else tuple(folders)
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = [f for f in folders if f not in index]
+    if unknown:
+        raise VerydeepError(f"{root}/{unknown[0]}: folder is not a class of the class list ({len(classes)} classes)")
+    paths, labels = [], []
+    for folder in folders:
+        for p in find_images(root / folder):
+            paths.append(p)
+            labels.append(index[folder])
+    if not paths:
+        raise VerydeepError(f"{root}: no images in its class folders")
+    ids = tuple(p.relative_to(root).as_posix() for p in paths)
+    return EvalSet(root, tuple(paths), ids, tuple(labels), classes, "imagefolder")
+
+
+def read_caffe_list(list_file: str | os.PathLike, root: str | os.PathLike, synsets: Sequence[str] | None = None) -> EvalSet:
+    """Caffe's ``val.txt``: ``name label`` per line, label in sorted-wnid order; names are
+    relative to ``root``."""
+    list_file, root = Path(list_file), Path(root)
+    names, labels = [], []
+    for n, line in enumerate(_read_lines(list_file), start=1):
+        parts = line.rsplit(None, 1)
+        if len(parts) != 2 or not _is_int(parts[1]):
+            raise VerydeepError(f"{list_file}: line {n}: expected 'IMAGE LABEL', found {line!r}")
+        names.append(parts[0])
+        labels.append(int(parts[1]))
+    if not names:
+        raise VerydeepError(f"{list_file}: no 'IMAGE LABEL' lines")
+    paths = tuple(root / name for name in names)
+    classes = tuple(sorted(synsets)) if synsets is not None else None
+    return EvalSet(root, paths, tuple(names), tuple(labels), classes, "caffe")
+
+
+def read_devkit(ground_truth: str | os.PathLike, root: str | os.PathLike, meta: str | os.PathLike | None = None) -> EvalSet:
+    """The devkit's ground truth: line i holds the ILSVRC2012_ID of image i (1-based, the
+    devkit's own class order); ``meta.mat`` maps it to a wnid, then to the sorted-wnid index."""
+    ground_truth, root = Path(ground_truth), Path(root)
+    meta = Path(meta) if meta is not None else ground_truth.parent / DEVKIT_META
+    if not meta.exists():
+        raise VerydeepError(f"{meta}: no such file; the devkit's ground truth needs its meta.mat (--meta PATH)")
+    id_to_wnid = read_meta_mat(meta)
+    index = _index_of(list(id_to_wnid.values()))
+    labels, names = [], []
+    for n, line in enumerate(_read_lines(ground_truth), start=1):
+        if not _is_int(line):
+            raise VerydeepError(f"{ground_truth}: line {n}: expected an ILSVRC2012_ID, found {line!r}")
+        ilsvrc_id = int(line)
+        if ilsvrc_id not in id_to_wnid:
+            raise VerydeepError(f"{ground_truth}: line {n}: ILSVRC2012_ID {ilsvrc_id} is not a leaf synset of {meta}")
+        labels.append(index[id_to_wnid[ilsvrc_id]])
+        names.append(DEVKIT_IMAGE.format(n))
+    paths = tuple(root / name for name in names)
+    return EvalSet(root, paths, tuple(names), tuple(labels), tuple(sorted(index)), "devkit")
+
+
+def read_kaggle(solution: str | os.PathLike, root: str | os.PathLike, synsets: str | os.PathLike | None = None) -> EvalSet:
+    """Kaggle's ``LOC_val_solution.csv`` (ImageId, PredictionString whose first token is the
+    wnid) with ``LOC_synset_mapping.txt``; images are ``root/<ImageId>.JPEG``, sorted by id."""
+    solution, root = Path(solution), Path(root)
+    mapping = Path(synsets) if synsets is not None else solution.parent / KAGGLE_SYNSETS
+    if not mapping.exists():
+        raise VerydeepError(f"{mapping}: no such file; Kaggle's solution file needs LOC_synset_mapping.txt (--synsets PATH)")
+    index = _index_of(read_synsets(mapping))
+    rows: dict[str, int] = {}
+    try:
+        with solution.open(newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
+                raise VerydeepError(f"{solution}: expected the header 'ImageId,PredictionString', found {header}")
+            for n, row in enumerate(reader, start=2):
+                if not row:
+                    continue
+                tokens = row[1].split() if len(row) > 1 else []
+                if not tokens or tokens[0] not in index:
+                    found = tokens[0] if tokens else "nothing"
+                    raise VerydeepError(f"{solution}: line {n}: expected a wnid of {mapping.name}, found {found!r}")
+                rows[row[0].strip()] = index[tokens[0]]
+    except OSError as e:
+        raise VerydeepError(f"{solution}: cannot read ({e.strerror or e})") from None
+    image_ids = sorted(rows)
+    names = tuple(i + KAGGLE_SUFFIX for i in image_ids)
+    paths = tuple(root / name for name in names)
+    return EvalSet(root, paths, names, tuple(rows[i] for i in image_ids), tuple(sorted(index)), "kaggle")
+
+
+def read_unlabeled(data: str | os.PathLike) -> EvalSet:
+    """A folder (scanned recursively), a list file of paths, or one image: predictions only."""
+    paths = tuple(resolve_inputs(data))
+    if not paths:
+        raise VerydeepError(f"{data}: no images found")
+    root = Path(data) if Path(data).is_dir() else Path(".")
+    ids = tuple(_relative(p, root) for p in paths)
+    return EvalSet(root, paths, ids, None, None, "unlabeled")
+
+
+# -- detection --------------------------------------------------------------------------------
+def detect_layout(data: str | os.PathLike, labels: str | os.PathLike | None = None) -> str:
+    """The layout of ``data`` (+ ``labels``): by the labels file's form, else by the folder."""
+    if labels is not None:
+        labels = Path(labels)
+        if not labels.is_file():
+            raise VerydeepError(f"{labels}: no such labels file")
+        if labels.suffix.lower() == ".csv":
+            return "kaggle"
+        lines = _read_lines(labels)
+        if not lines:
+            raise VerydeepError(f"{labels}: empty labels file")
+        parts = lines[0].split()
+        if len(parts) == 1 and _is_int(parts[0]):
+            return "devkit"
+        if len(parts) >= 2 and _is_int(parts[-1]):
+            return "caffe"
+        raise VerydeepError(
+            f"{labels}: unknown labels format; expected 'IMAGE LABEL' lines (Caffe), one ILSVRC2012_ID "
+            f"per line (devkit), or LOC_val_solution.csv (Kaggle), found {lines[0]!r}"
+        )
+    path = Path(data)
+    if path.is_dir():
+        top_images = any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in path.iterdir())
+        subfolders = any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir())
+        if subfolders and not top_images:
+            return "imagefolder"
+    return "unlabeled"
+
+
+def open_eval_set(
+    data: str | os.PathLike,
+    labels: str | os.PathLike | None = None,
+    *,
+    layout: str = "auto",
+    meta: str | os.PathLike | None = None,
+    synsets: str | os.PathLike | None = None,
+    limit: int | None = None,
+) -> EvalSet:
+    """Read ``data`` in ``layout`` ("auto" detects it), keep ``limit`` images spread evenly,
+    and check that its images are there.
+
+    ``meta`` is the devkit's meta.mat (default: next to the ground-truth file); ``synsets`` a
+    class list (``LOC_synset_mapping.txt``, ``synset_words.txt`` or ``meta.mat``) that fixes
+    the class order for ImageFolder and Caffe lists and replaces Kaggle's mapping file.
+    """
+    if layout not in LAYOUTS:
+        raise VerydeepError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if layout == "auto":
+        layout = detect_layout(data, labels)
+    if layout in ("caffe", "devkit", "kaggle") and labels is None:
+        raise VerydeepError(f"layout {layout} needs --labels FILE")
+    root = Path(data)
+    if layout != "unlabeled" and not root.is_dir():
+        raise VerydeepError(f"{root}: not a folder of images")
+    wnids = read_synsets(synsets) if synsets is not None and layout != "kaggle" else None
+    if layout == "imagefolder":
+        ds = read_imagefolder(root, wnids)
+    elif layout == "caffe":
+        ds = read_caffe_list(labels, root, wnids)
+    elif layout == "devkit":
+        ds = read_devkit(labels, root, meta)
+    elif layout == "kaggle":
+        ds = read_kaggle(labels, root, synsets)
+    else:
+        ds = read_unlabeled(data)
+    ds = ds.spread(limit)
+    if not any(p.exists() for p in ds.paths[:1000]):
+        raise VerydeepError(
+            f"{root}: none of the images the {layout} layout names is there (e.g. {ds.paths[0]}); "
+            "is DATA the folder that holds them?"
+        )
+    return ds
+
+
+def check_labels(ds: EvalSet, num_classes: int) -> None:
+    """Raise when the set's class indices cannot be the model's outputs."""
+    if ds.labels is None:
+        return
+    top = max(ds.labels)
+    if top >= num_classes or min(ds.labels) < 0:
+        raise VerydeepError(
+            f"{ds.root}: class index {top if top >= num_classes else min(ds.labels)} found, but the model "
+            f"has {num_classes} outputs"
+        )
+    if ds.classes is not None and len(ds.classes) != num_classes:
+        raise VerydeepError(
+            f"{ds.root}: the {ds.layout} layout lists {len(ds.classes)} classes, the model has {num_classes} "
+            "outputs; pass --synsets (LOC_synset_mapping.txt, synset_words.txt or meta.mat) to fix the class order"
+        )
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _read_lines(path: Path) -> list[str]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise VerydeepError(f"{path}: cannot read ({e.strerror or e})") from None
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _is_int(text: str) -> bool:
+    return bool(re.fullmatch(r"[+-]?\d+", text.strip()))
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
