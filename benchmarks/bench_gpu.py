@@ -115,7 +115,10 @@ def matmul_ceiling() -> dict[str, float]:
     end.record()
     torch.cuda.synchronize()
     tflops = 2 * n**3 / (start.elapsed_time(end) / iters / 1000) / 1e12
-    return {"bf16_matmul_tflops": round(tflops, 1), "ceiling_images_per_s": round(tflops * 1e12 / (GFLOP_PER_IMAGE * 1e9))}
+    return {
+        "bf16_matmul_tflops": round(tflops, 1),
+        "ceiling_images_per_s": round(tflops * 1e12 / (GFLOP_PER_IMAGE * 1e9)),
+    }
 
 
 def probe(n: int, h: int = 224, w: int = 224, seed: int = 0) -> torch.Tensor:
@@ -155,8 +158,12 @@ def layer_times(fast, x: torch.Tensor) -> dict[str, float]:
             fast._classic_impl(h)
         torch.cuda.synchronize()
         for s in fast._conv_steps:
-            fn = {"conv": lambda t, s=s: fast._conv(s, t), "pool": fast._pool,
-                  "lrn": lambda t, s=s: fast._lrn(s, t), "relu": F.relu}[s.kind]
+            fn = {
+                "conv": lambda t, s=s: fast._conv(s, t),
+                "pool": fast._pool,
+                "lrn": lambda t, s=s: fast._lrn(s, t),
+                "relu": F.relu,
+            }[s.kind]
             ms = _event_ms(fn, h)
             out[s.name] = round(ms, 3)
             h = fn(h)
@@ -191,7 +198,11 @@ def main() -> int:
     out = args.out or (os.path.join(os.environ["OUT"], "bench_gpu.json") if os.environ.get("OUT") else None)
     OUT_PATH = Path(out) if out else None
 
-    REPORT["machine"] = {"torch": torch.__version__, "python": sys.version.split()[0], "cuda_available": torch.cuda.is_available()}
+    REPORT["machine"] = {
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "cuda_available": torch.cuda.is_available(),
+    }
     try:
         import torchvision
 
@@ -205,10 +216,15 @@ def main() -> int:
         return 2
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
-    REPORT["machine"].update({
-        "gpu": props.name, "gpu_memory_gb": round(props.total_memory / 2**30, 1), "sms": props.multi_processor_count,
-        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-    })
+    REPORT["machine"].update(
+        {
+            "gpu": props.name,
+            "gpu_memory_gb": round(props.total_memory / 2**30, 1),
+            "sms": props.multi_processor_count,
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+        }
+    )
     log(f"{props.name}, torch {torch.__version__}")
 
     ceiling = guarded("matmul_ceiling", matmul_ceiling)
@@ -232,11 +248,14 @@ def main() -> int:
         fast = optimize(model, precision, device=dev, **kw)
         r = timed(fast, xs[n], iters)
         y = fast(xs[n])
-        r.update({
-            "plan": fast.plan.to_dict(), "percent_of_ceiling": pct(r["images_per_s"]),
-            "rel_error_vs_fp32": rel(y, ref[n]),
-            "top1_agreement": float((y.argmax(1) == ref[n].argmax(1)).float().mean()),
-        })
+        r.update(
+            {
+                "plan": fast.plan.to_dict(),
+                "percent_of_ceiling": pct(r["images_per_s"]),
+                "rel_error_vs_fp32": rel(y, ref[n]),
+                "top1_agreement": float((y.argmax(1) == ref[n].argmax(1)).float().mean()),
+            }
+        )
         del fast
         torch.cuda.empty_cache()
         return r
@@ -261,7 +280,9 @@ def main() -> int:
         with ctx:
             r = timed(run, xs[n], 5, warmup=2)
             y = run(xs[n])
-        r.update({"tf32": tf32, "rel_error_vs_fp32": rel(y.float(), ref[n]), "percent_of_ceiling": pct(r["images_per_s"])})
+        r.update(
+            {"tf32": tf32, "rel_error_vs_fp32": rel(y.float(), ref[n]), "percent_of_ceiling": pct(r["images_per_s"])}
+        )
         return r
 
     tv = None
@@ -280,6 +301,7 @@ def main() -> int:
 
     # dense, one 384x512 image
     if not over_budget(args.budget, "dense"):
+
         def dense_case() -> dict[str, Any]:
             xd = probe(1, 384, 512, seed=7).to(dev)
             with NoTF32(), torch.inference_mode():
@@ -297,7 +319,9 @@ def main() -> int:
 
             with NoTF32():
                 out["exact_fp32_no_tf32"] = timed(exact_dense, xd, 10)
-            out["speedup_bf16_vs_exact"] = round(out["fast_bf16"]["images_per_s"] / out["exact_fp32_no_tf32"]["images_per_s"], 2)
+            out["speedup_bf16_vs_exact"] = round(
+                out["fast_bf16"]["images_per_s"] / out["exact_fp32_no_tf32"]["images_per_s"], 2
+            )
             out["score_map"] = list(refd.shape)
             return out
 
@@ -305,6 +329,7 @@ def main() -> int:
 
     # correctness of the CUDA paths: graph replay, features
     if not over_budget(args.budget, "checks"):
+
         def checks() -> dict[str, Any]:
             fast = optimize(model, "bf16", device=dev)
             plain = optimize(model, "bf16", device=dev, cuda_graphs=False)
@@ -325,17 +350,26 @@ def main() -> int:
         guarded("cuda_checks", checks)
 
     if not over_budget(args.budget, "layer times"):
-        guarded(f"layer_ms_bf16_batch{big}", lambda: layer_times(optimize(model, "bf16", device=dev, cuda_graphs=False), xs[big]))
+        guarded(
+            f"layer_ms_bf16_batch{big}",
+            lambda: layer_times(optimize(model, "bf16", device=dev, cuda_graphs=False), xs[big]),
+        )
 
     if args.compile and not over_budget(args.budget - 60, "compile"):
+
         def compiled() -> dict[str, Any]:
             t0 = time.perf_counter()
             fast = optimize(model, "bf16", device=dev, compile=True)
             fast(xs[big])
             first = time.perf_counter() - t0
             r = timed(fast, xs[big], 20)
-            r.update({"first_call_s": round(first, 1), "rel_error_vs_fp32": rel(fast(xs[big]), ref[big]),
-                      "percent_of_ceiling": pct(r["images_per_s"])})
+            r.update(
+                {
+                    "first_call_s": round(first, 1),
+                    "rel_error_vs_fp32": rel(fast(xs[big]), ref[big]),
+                    "percent_of_ceiling": pct(r["images_per_s"]),
+                }
+            )
             return r
 
         guarded(f"fast_bf16_compile_batch{big}", compiled)
@@ -348,7 +382,8 @@ def main() -> int:
         summary["bf16_max_rel_error_vs_fp32"] = results["bf16_b256"]["rel_error_vs_fp32"]
         if base:
             summary["bf16_batch256_vs_torchvision_eager_fp32_batch64"] = round(
-                results["bf16_b256"]["images_per_s"] / base["images_per_s"], 2)
+                results["bf16_b256"]["images_per_s"] / base["images_per_s"], 2
+            )
     REPORT["summary"] = summary
     REPORT["wall_s"] = round(time.perf_counter() - START, 1)
     print(json.dumps(REPORT, indent=2))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-import torch  # noqa: E402
+import torch
 
 
 def photo_paths(folder: str | None) -> tuple[list[Path], str]:
@@ -45,8 +45,14 @@ def stats(found: torch.Tensor, ref: torch.Tensor) -> dict:
     f5, r5 = found.topk(5, 1).indices, ref.topk(5, 1).indices
     same5 = sum(set(a.tolist()) == set(b.tolist()) for a, b in zip(f5, r5)) / len(errs)
     in5 = sum(int(b[0]) in set(a.tolist()) for a, b in zip(f5, r5)) / len(errs)
-    return {"rel_error_median": statistics.median(errs), "rel_error_max": max(errs), "top1_agreement": t1,
-            "top5_same_set": same5, "fp32_top1_in_top5": in5, "images": len(errs)}
+    return {
+        "rel_error_median": statistics.median(errs),
+        "rel_error_max": max(errs),
+        "top1_agreement": t1,
+        "top5_same_set": same5,
+        "fp32_top1_in_top5": in5,
+        "images": len(errs),
+    }
 
 
 def main() -> int:
@@ -57,9 +63,9 @@ def main() -> int:
     ap.add_argument("--out")
     args = ap.parse_args()
     from verydeep.bench.run import random_model
+    from verydeep.data.preprocess import center_crop_caffe, to_caffe, to_uint8_chw
     from verydeep.errors import ImageError
     from verydeep.evaluate.protocols import rescale
-    from verydeep.data.preprocess import center_crop_caffe, to_caffe, to_uint8_chw
 
     paths, folder = photo_paths(args.images)
     crops, bigs, used = [], [], []
@@ -85,8 +91,11 @@ def main() -> int:
         fast = model.optimized(precision)
         y = torch.cat([fast(x[i : i + 8]) for i in range(0, len(x), 8)])
         yd = torch.cat([fast.dense()(b[None]).mean(dim=(2, 3)) for b in bigs])
-        report["precisions"][precision] = {"plan_dtype": fast.plan.dtype, "classic": stats(y, ref),
-                                           "dense": stats(yd, torch.cat(ref_dense))}
+        report["precisions"][precision] = {
+            "plan_dtype": fast.plan.dtype,
+            "classic": stats(y, ref),
+            "dense": stats(yd, torch.cat(ref_dense)),
+        }
     from verydeep.bench.run import emit_report
 
     emit_report(report, args.out)

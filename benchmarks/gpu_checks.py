@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import verydeep  # noqa: E402
-from verydeep.runtime.executor import TOLERANCE  # noqa: E402
+import verydeep
+from verydeep.runtime.executor import TOLERANCE
 
 #: The device under test; GPU_CHECKS_DEVICE=cpu dry-runs the script on a machine without one.
 GPU = os.environ.get("GPU_CHECKS_DEVICE", "cuda")
@@ -116,8 +116,16 @@ def jobs_on_cuda() -> None:
         for protocol in ("dense", "multicrop"):
             res = {}
             for side, device in (("ref", "cpu"), ("dut", GPU)):
-                res[side] = evaluate(copy.deepcopy(model), ds, protocol, device=device, workers=0, progress=False,
-                                     batch_size=4, scores=Path(tmp) / f"{protocol}-{side}.npz")
+                res[side] = evaluate(
+                    copy.deepcopy(model),
+                    ds,
+                    protocol,
+                    device=device,
+                    workers=0,
+                    progress=False,
+                    batch_size=4,
+                    scores=Path(tmp) / f"{protocol}-{side}.npz",
+                )
             a, b = res["ref"].probs, res["dut"].probs
             check(f"evaluate {protocol} Q=256,384,512 cuda vs cpu (abs)", float(np.abs(a - b).max()), 1e-4)
             same = bool((a.argmax(1) == b.argmax(1)).all())
@@ -130,7 +138,15 @@ def jobs_on_cuda() -> None:
             feats = {}
             for side, device in (("ref", "cpu"), ("dut", GPU)):
                 out = Path(tmp) / f"fc7-{side}.npz"
-                extract(copy.deepcopy(model), sorted(map(str, root.rglob("*.jpg"))), ["fc7"], out, device=device, workers=0, progress=False)
+                extract(
+                    copy.deepcopy(model),
+                    sorted(map(str, root.rglob("*.jpg"))),
+                    ["fc7"],
+                    out,
+                    device=device,
+                    workers=0,
+                    progress=False,
+                )
                 feats[side] = read_features(out)[1]["fc7"]  # rows in input order
             d = float(np.abs(feats["ref"] - feats["dut"]).max() / np.abs(feats["ref"]).max())
             check("extract fc7 cuda vs cpu (rel)", d, 1e-5)

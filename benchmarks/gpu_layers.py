@@ -85,7 +85,9 @@ def main() -> int:
             if relu_fused is not None:
                 z = torch.empty((n, c, 224, 224), dtype=bf, device=dev, memory_format=cl).zero_()
                 z[:, :3].copy_(x3)
-                v[f"pad{c}_cudnn_relu_excl_pad"] = bg.guarded(f"c11_{c}", lambda z=z, wc=wc: ms(lambda: relu_fused(z, wc, b, [1, 1], [1, 1], [1, 1], 1)))
+                v[f"pad{c}_cudnn_relu_excl_pad"] = bg.guarded(
+                    f"c11_{c}", lambda z=z, wc=wc: ms(lambda: relu_fused(z, wc, b, [1, 1], [1, 1], [1, 1], 1))
+                )
         x3n, w3n = x3.contiguous(), w3.contiguous()
         v["3ch_nchw_conv_relu"] = ms(lambda: F.relu_(F.conv2d(x3n, w3n, b, padding=1)))
         layer["conv1_1"] = v
@@ -102,7 +104,10 @@ def main() -> int:
             "nhwcpool_only": ms(lambda: max_pool_nhwc(x)),
         }
         if relu_fused is not None:
-            v["cudnn_relu_pool"] = bg.guarded("c12f", lambda: ms(lambda: F.max_pool2d(relu_fused(x, w, b, [1, 1], [1, 1], [1, 1], 1), 2, 2, ceil_mode=True)))
+            v["cudnn_relu_pool"] = bg.guarded(
+                "c12f",
+                lambda: ms(lambda: F.max_pool2d(relu_fused(x, w, b, [1, 1], [1, 1], [1, 1], 1), 2, 2, ceil_mode=True)),
+            )
         layer["conv1_2+pool1"] = v
 
         # pool1 alone: ATen (writes int64 indices on CUDA), NHWC maximum passes, amax over a view,
@@ -127,7 +132,10 @@ def main() -> int:
         for name, cin, cout, hw in (("conv2_1", 64, 128, 112), ("conv3_2", 256, 256, 56), ("conv4_2", 512, 512, 28)):
             x = act(cin, hw)
             w, b = conv_w(cin, cout)
-            v = {"conv_relu": ms(lambda: F.relu_(F.conv2d(x, w, b, padding=1))), "conv_only": ms(lambda: F.conv2d(x, w, b, padding=1))}
+            v = {
+                "conv_relu": ms(lambda: F.relu_(F.conv2d(x, w, b, padding=1))),
+                "conv_only": ms(lambda: F.conv2d(x, w, b, padding=1)),
+            }
             if relu_fused is not None:
                 v["cudnn_relu"] = bg.guarded(name, lambda: ms(lambda: relu_fused(x, w, b, [1, 1], [1, 1], [1, 1], 1)))
             layer[name] = v
@@ -142,9 +150,13 @@ def main() -> int:
     variants = {
         "default": {},
         "pad16+cudnn_relu+aten_pool": dict(conv="cudnn-relu", pool="aten", pad_channels=16, relu_after_pool=False),
-        "pad16+cudnn_relu+compiled_pool": dict(conv="cudnn-relu", pool="compiled", pad_channels=16, relu_after_pool=False),
+        "pad16+cudnn_relu+compiled_pool": dict(
+            conv="cudnn-relu", pool="compiled", pad_channels=16, relu_after_pool=False
+        ),
         "pad8+cudnn_relu+triton_pool": dict(conv="cudnn-relu", pool="triton", pad_channels=8, relu_after_pool=False),
-        "pad16+cudnn_relu+nhwc_pool": dict(conv="cudnn-relu", pool="nhwc-maximum", pad_channels=16, relu_after_pool=False),
+        "pad16+cudnn_relu+nhwc_pool": dict(
+            conv="cudnn-relu", pool="nhwc-maximum", pad_channels=16, relu_after_pool=False
+        ),
         "plain": dict(conv="aten", pool="aten", pad_channels=0, relu_after_pool=False),
         "pad8": dict(conv="aten", pool="aten", pad_channels=8, relu_after_pool=False),
         "pad8+relu_after_pool": dict(conv="aten", pool="aten", pad_channels=8, relu_after_pool=True),
@@ -166,6 +178,7 @@ def main() -> int:
 
         whole[name] = bg.guarded(f"whole_{name}", one)
     if args.compile and not bg.over_budget(args.budget - 40, "compile"):
+
         def compiled() -> dict:
             from verydeep.runtime.executor import optimize
 

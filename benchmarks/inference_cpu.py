@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from verydeep.bench.run import cpu_busy, format_report, run_bench  # noqa: E402
+from verydeep.bench.run import cpu_busy, format_report, run_bench
 
 
 def main() -> int:
@@ -37,9 +37,14 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--arch", default="D")
     ap.add_argument("--out", help="write the JSON report here")
-    ap.add_argument("--quiet-wait", type=float, default=0, metavar="S",
-                    help="first wait up to S seconds for the other processes to leave the CPUs idle (<10%%), and "
-                    "run again (up to 3 tries) when they used >15%% of the CPUs during the timing or after it")
+    ap.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=0,
+        metavar="S",
+        help="first wait up to S seconds for the other processes to leave the CPUs idle (<10%%), and "
+        "run again (up to 3 tries) when they used >15%% of the CPUs during the timing or after it",
+    )
     args = ap.parse_args()
     for attempt in range(3 if args.quiet_wait else 1):
         if args.quiet_wait:
@@ -49,7 +54,9 @@ def main() -> int:
         if not args.quiet_wait or busy <= 0.15:
             break
         print(f"bench: others used {100 * busy:.0f}% of the CPUs: measuring again", file=sys.stderr)
-    report["environment"] = {k: os.environ[k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD") if k in os.environ}
+    report["environment"] = {
+        k: os.environ[k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD") if k in os.environ
+    }
     print(format_report(report))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -66,9 +73,16 @@ def wait_quiet(limit: float) -> None:
 
 def measure(args: argparse.Namespace) -> dict:
     return run_bench(
-        arch=args.arch, batches=args.batch, precisions=args.precision, dense=args.dense or None,
-        repeats=args.repeats, warmup=args.warmup, baselines=[b for b in args.baselines.split(",") if b],
-        threads=args.threads, compile=args.compile, device="cpu",
+        arch=args.arch,
+        batches=args.batch,
+        precisions=args.precision,
+        dense=args.dense or None,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        baselines=[b for b in args.baselines.split(",") if b],
+        threads=args.threads,
+        compile=args.compile,
+        device="cpu",
         progress=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True),
     )
 

@@ -45,7 +45,9 @@ t_import = time.perf_counter() - t0
 base = rss()
 """
 
-CAFFE = PROLOGUE + r"""
+CAFFE = (
+    PROLOGUE
+    + r"""
 t0 = time.perf_counter()
 from verydeep.hub.weights import load_caffemodel  # imports verydeep (torchvision only on first image transform)
 t_vd = time.perf_counter() - t0
@@ -57,6 +59,7 @@ print(json.dumps({{"import_torch_s": t_import, "import_verydeep_s": t_vd, "load_
                   "peak_rss_mb": peak() / 2**20, "rss_after_mb": rss() / 2**20,
                   "params": sum(p.numel() for p in model.parameters())}}))
 """
+)
 
 OPENCV = r"""
 import json, os, resource, sys, time
@@ -73,7 +76,9 @@ print(json.dumps({{"load_s": dt, "rss_after_import_mb": base / 2**20,
                   "rss_after_mb": rss() / 2**20, "version": cv2.__version__}}))
 """
 
-SAFETENSORS = PROLOGUE + r"""
+SAFETENSORS = (
+    PROLOGUE
+    + r"""
 t0 = time.perf_counter()
 import verydeep  # does not import torchvision
 t_vd = time.perf_counter() - t0
@@ -87,6 +92,7 @@ print(json.dumps({{"import_torch_s": t_import, "import_verydeep_s": t_vd, "load_
                   "ready_after_import_torch_s": t_vd + dt, "optimized_bf16_s": dt_fast,
                   "rss_after_import_mb": base / 2**20, "peak_rss_mb": peak() / 2**20, "rss_after_mb": rss() / 2**20}}))
 """
+)
 
 
 def child(code: str) -> dict:
@@ -132,19 +138,27 @@ def main() -> int:
         del model, blobs
     weights_mb = 138_357_544 * 4 / 2**20
     report = {
-        "files": {"caffemodel_bytes": caffemodel.stat().st_size, "safetensors_bytes": st.stat().st_size,
-                  "weights_mb": round(weights_mb, 1), "page_cache": "warm (files just written or read)"},
+        "files": {
+            "caffemodel_bytes": caffemodel.stat().st_size,
+            "safetensors_bytes": st.stat().st_size,
+            "weights_mb": round(weights_mb, 1),
+            "page_cache": "warm (files just written or read)",
+        },
     }
     src = str(ROOT / "src")
     report["caffemodel_verydeep"] = summarize(
-        [child(CAFFE.format(src=src, model=str(caffemodel))) for _ in range(args.repeats)], weights_mb)
+        [child(CAFFE.format(src=src, model=str(caffemodel))) for _ in range(args.repeats)], weights_mb
+    )
     try:
         report["caffemodel_opencv"] = summarize(
-            [child(OPENCV.format(prototxt=str(prototxt), model=str(caffemodel))) for _ in range(args.repeats)], weights_mb)
+            [child(OPENCV.format(prototxt=str(prototxt), model=str(caffemodel))) for _ in range(args.repeats)],
+            weights_mb,
+        )
     except Exception as e:  # OpenCV missing or failing: the verydeep numbers still stand
         report["caffemodel_opencv"] = {"error": str(e)[-300:]}
     report["safetensors_verydeep"] = summarize(
-        [child(SAFETENSORS.format(src=src, model=str(st))) for _ in range(args.repeats)], weights_mb)
+        [child(SAFETENSORS.format(src=src, model=str(st))) for _ in range(args.repeats)], weights_mb
+    )
     from verydeep.bench.run import emit_report
 
     emit_report(report, args.out)

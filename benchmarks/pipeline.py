@@ -28,9 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, ImageFilter  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
 
 
 def make_images(folder: Path, n: int) -> list[str]:
@@ -69,15 +69,19 @@ def main() -> int:
     args = ap.parse_args()
     from torch.utils.data import DataLoader
 
-    from verydeep.evaluate.protocols import RescaleToScales
     from verydeep.data.images import ImageDataset, collate_skipping
     from verydeep.data.preprocess import center_crop_caffe, open_image, to_uint8_chw
+    from verydeep.evaluate.protocols import RescaleToScales
 
     torch.set_num_threads(1)  # one core: per-core rates
     paths = make_images(Path(args.dir), args.images)
     sizes = [os.path.getsize(p) for p in paths]
-    report: dict = {"images": len(paths), "mean_jpeg_kb": round(sum(sizes) / len(sizes) / 1024, 1), "size": "500x375",
-                    "cpu_count": os.cpu_count()}
+    report: dict = {
+        "images": len(paths),
+        "mean_jpeg_kb": round(sum(sizes) / len(sizes) / 1024, 1),
+        "size": "500x375",
+        "cpu_count": os.cpu_count(),
+    }
     per_core = {
         "decode_only": rate(lambda p: open_image(p), paths),
         "decode_to_tensor": rate(lambda p: to_uint8_chw(p), paths),
@@ -88,11 +92,14 @@ def main() -> int:
     report["per_core_images_per_s"] = {k: round(v, 1) for k, v in per_core.items()}
     loaders = {}
     for w in args.workers:
-        for name, transform in (("extract_center_crop_224", partial(center_crop_caffe, size=256, crop=224)),
-                                ("evaluate_rescale_q384", RescaleToScales((384,)))):
+        for name, transform in (
+            ("extract_center_crop_224", partial(center_crop_caffe, size=256, crop=224)),
+            ("evaluate_rescale_q384", RescaleToScales((384,))),
+        ):
             ds = ImageDataset(paths, transform)
-            dl = DataLoader(ds, batch_size=32, num_workers=w, collate_fn=collate_skipping,
-                            prefetch_factor=4 if w else None)
+            dl = DataLoader(
+                ds, batch_size=32, num_workers=w, collate_fn=collate_skipping, prefetch_factor=4 if w else None
+            )
             it = iter(dl)
             next(it)  # workers started and warm
             t0 = time.perf_counter()
@@ -101,7 +108,10 @@ def main() -> int:
                 count += len(idx)
             dt = time.perf_counter() - t0
             n = count - 32
-            loaders[f"{name}_workers{w}"] = {"images_per_s": round(n / dt, 1), "per_worker": round(n / dt / max(w, 1), 1)}
+            loaders[f"{name}_workers{w}"] = {
+                "images_per_s": round(n / dt, 1),
+                "per_worker": round(n / dt / max(w, 1), 1),
+            }
     report["dataloader"] = loaders
     from verydeep.bench.run import emit_report
 

@@ -88,7 +88,9 @@ def compute_only(model: torch.nn.Module, optimizer, batch: int, crop: int, class
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=30, help="timed optimiser steps (default 30)")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (default 10; also the log window)")
     p.add_argument("--batch", type=int, default=64, help="global batch (default 64)")
@@ -113,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from verydeep.train.trainer import PRECISION, Trainer, prepare_config
 
-    root = Path(a.root) if a.root else Path(tempfile.mkdtemp(prefix="verydeep-train-gpu-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    root = (
+        Path(a.root)
+        if a.root
+        else Path(tempfile.mkdtemp(prefix="verydeep-train-gpu-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    )
     total_steps = a.warmup + a.steps
     t0 = time.perf_counter()
     data = make_image_folder(root / "data", total_steps * a.batch, 10, a.image_height)

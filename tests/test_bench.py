@@ -7,29 +7,80 @@ import json
 
 import pytest
 import torch
+from conftest import random_vgg
 
 from verydeep import configs
 from verydeep.bench.run import dense_flops, format_report, random_model, run_bench, torchvision_twin
 from verydeep.cli import main
-from conftest import random_vgg
 
 FIELDS = {
-    "view", "batch", "height", "width", "engine", "precision", "compute_dtype", "images_per_s", "latency_ms",
-    "latency_ms_min", "gflops", "baseline", "speedup", "rel_error", "top1_agreement", "first_call_s", "build_s",
-    "repeats", "call_mb",
+    "view",
+    "batch",
+    "height",
+    "width",
+    "engine",
+    "precision",
+    "compute_dtype",
+    "images_per_s",
+    "latency_ms",
+    "latency_ms_min",
+    "gflops",
+    "baseline",
+    "speedup",
+    "rel_error",
+    "top1_agreement",
+    "first_call_s",
+    "build_s",
+    "repeats",
+    "call_mb",
 }
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    return run_bench(arch="D", width=1 / 16, num_classes=10, batches=(1, 3), precisions=("fp32", "bf16"),
-                     dense=256, repeats=2, warmup=1, device="cpu")
+    return run_bench(
+        arch="D",
+        width=1 / 16,
+        num_classes=10,
+        batches=(1, 3),
+        precisions=("fp32", "bf16"),
+        dense=256,
+        repeats=2,
+        warmup=1,
+        device="cpu",
+    )
 
 
 def test_cli_json(capsys):
-    code = main(["bench", "--arch", "D", "--width", "0.0625", "--num-classes", "10", "--batch", "1", "2",
-                 "--precision", "fp32", "bf16", "--dense", "256", "--repeats", "2", "--warmup", "1",
-                 "--baselines", "torchvision,onnxruntime", "--device", "cpu", "--quiet", "--json"])
+    code = main(
+        [
+            "bench",
+            "--arch",
+            "D",
+            "--width",
+            "0.0625",
+            "--num-classes",
+            "10",
+            "--batch",
+            "1",
+            "2",
+            "--precision",
+            "fp32",
+            "bf16",
+            "--dense",
+            "256",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--baselines",
+            "torchvision,onnxruntime",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--json",
+        ]
+    )
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert {"machine", "model", "settings", "plans", "results", "skipped", "load"} <= set(out)
@@ -60,8 +111,11 @@ def test_fields_and_consistency(report):
         assert r["peak_rss_mb"] > 0 and r["call_mb"] >= 0
         assert r["speedup"] > 0
         assert 0 <= r["rel_error"] and 0 <= r["top1_agreement"] <= 1
-        flops = (2 * configs.multiply_adds("D", 224, 1 / 16, 10) if r["view"] == "classic"
-                 else dense_flops("D", r["height"], r["width"], 1 / 16, 10))
+        flops = (
+            2 * configs.multiply_adds("D", 224, 1 / 16, 10)
+            if r["view"] == "classic"
+            else dense_flops("D", r["height"], r["width"], 1 / 16, 10)
+        )
         assert r["gflops"] == pytest.approx(flops * r["images_per_s"] / 1e9, rel=0.05, abs=0.2)
 
 
@@ -125,8 +179,17 @@ def test_bad_arguments():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_report():
-    rep = run_bench(arch="D", width=1 / 16, num_classes=10, batches=(2,), precisions=("fp32", "bf16"),
-                    dense=256, repeats=2, warmup=1, device="cuda")
+    rep = run_bench(
+        arch="D",
+        width=1 / 16,
+        num_classes=10,
+        batches=(2,),
+        precisions=("fp32", "bf16"),
+        dense=256,
+        repeats=2,
+        warmup=1,
+        device="cuda",
+    )
     assert rep["machine"]["gpu"] and rep["plans"]["bf16"]["cuda_graphs"]
     assert {"onnxruntime", "opencv"} <= set(rep["skipped"])  # CPU engines
     for r in rep["results"]:

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import verydeep
-
 from verydeep import configs
+from verydeep.errors import CaffeFormatError
 from verydeep.formats.caffe import (
     VGG16_DEPLOY,
     CaffeGraph,
@@ -29,7 +29,6 @@ from verydeep.formats.caffe import (
     write_prototxt,
 )
 from verydeep.formats.caffe import caffe_pb2 as pb
-from verydeep.errors import CaffeFormatError
 
 NARROW = 1 / 8
 
@@ -43,8 +42,10 @@ def random_blobs(net, seed: int = 0) -> dict[str, list[np.ndarray]]:
     for name, attr in graph.param_layers.items():
         w, b = getattr(graph, attr).weight.shape, getattr(graph, attr).bias.shape
         scale = np.sqrt(2.0 / np.prod(w[1:]))
-        blobs[name] = [(rng.standard_normal(tuple(w)) * scale).astype(np.float32),
-                       (rng.standard_normal(tuple(b)) * 0.1).astype(np.float32)]
+        blobs[name] = [
+            (rng.standard_normal(tuple(w)) * scale).astype(np.float32),
+            (rng.standard_normal(tuple(b)) * 0.1).astype(np.float32),
+        ]
     return blobs
 
 
@@ -107,7 +108,8 @@ def test_a_net_that_is_not_table_1_is_not_recognised():
 
 def test_unsupported_layer_type_names_file_layer_and_type(tmp_path):
     text = format_prototxt(vgg_net("A", NARROW, 10)).replace(
-        'name: "relu1_1"\n  type: "ReLU"', 'name: "bn1_1"\n  type: "BatchNorm"\n  batch_norm_param { use_global_stats: true }'
+        'name: "relu1_1"\n  type: "ReLU"',
+        'name: "bn1_1"\n  type: "BatchNorm"\n  batch_norm_param { use_global_stats: true }',
     )
     path = tmp_path / "bn.prototxt"
     path.write_text(text)
@@ -259,7 +261,9 @@ def test_weights_shape_mismatch_names_file_layer_and_shapes(narrow_caffemodel):
     with pytest.raises(CaffeFormatError) as err:
         graph.load_blobs(read_caffemodel(narrow_caffemodel).blobs, origin=str(narrow_caffemodel))
     message = str(err.value)
-    assert str(narrow_caffemodel) in message and "'conv1_1'" in message and "4x3x3x3" in message and "8x3x3x3" in message
+    assert (
+        str(narrow_caffemodel) in message and "'conv1_1'" in message and "4x3x3x3" in message and "8x3x3x3" in message
+    )
 
 
 def test_graph_outputs_blobs_and_layers_and_saves(narrow_caffemodel):
@@ -345,8 +349,10 @@ def test_vgg_matches_opencv_classic_and_dense(config, version, tmp_path):
     dense = vgg_net(config, NARROW, 10, dense=True, size=300)
     dense_graph = CaffeGraph(dense, input_shape=(1, 3, 300, 419))
     dense_graph.load_blobs(blobs)  # fc weights load into the 7x7 and 1x1 convolutions
-    dense_blobs = {name: [p.detach().numpy() for p in getattr(dense_graph, attr).parameters()]
-                   for name, attr in dense_graph.param_layers.items()}
+    dense_blobs = {
+        name: [p.detach().numpy() for p in getattr(dense_graph, attr).parameters()]
+        for name, attr in dense_graph.param_layers.items()
+    }
     write_prototxt(dense, prototxt, version)
     write_caffemodel(caffemodel, dense_blobs, dense, version)
     xd = np.random.default_rng(2).normal(0, 50, (1, 3, 300, 419)).astype(np.float32)
@@ -386,7 +392,7 @@ def test_lrn_k_follows_caffe_formula():
     )
     x = np.random.default_rng(4).normal(0, 100, (1, 7, 2, 3))
     squares = np.pad(x**2, ((0, 0), (2, 2), (0, 0), (0, 0)))
-    window = sum(squares[:, i: i + 7] for i in range(5))
+    window = sum(squares[:, i : i + 7] for i in range(5))
     expected = x / (2 + 1e-4 / 5 * window) ** 0.75
     ours = CaffeGraph(net)(torch.from_numpy(x.astype(np.float32))).numpy()
     assert rel_error(ours, expected) <= 1e-6
@@ -430,7 +436,9 @@ def full_vgg16(tmp_path_factory) -> tuple[Path, dict[str, list[np.ndarray]]]:
 def test_full_size_vgg16_caffemodel_reads_lean(full_vgg16):
     path, blobs = full_vgg16
     assert abs(path.stat().st_size - 553_432_081) < 1000  # the published file's size, give or take names
-    run = subprocess.run([sys.executable, "-c", _READ_AND_MEASURE, str(path)], capture_output=True, text=True, check=True)
+    run = subprocess.run(
+        [sys.executable, "-c", _READ_AND_MEASURE, str(path)], capture_output=True, text=True, check=True
+    )
     result = json.loads(run.stdout)
     assert result["params"] == 138_357_544
     assert result["fc8_sum"] == float(blobs["fc8"][0].sum(dtype=np.float64))
@@ -438,7 +446,9 @@ def test_full_size_vgg16_caffemodel_reads_lean(full_vgg16):
     # Beyond the weights themselves: far less than 1 GiB (no Python object per float).
     assert result["extra_kib"] - weights_kib < 1024 * 1024
     # Wall time is reported, never asserted (benchmarks/load.py measures it properly).
-    print(f"read {path.stat().st_size:,} bytes in {result['seconds']:.2f} s, peak RSS +{result['extra_kib'] / 1024:.0f} MiB")
+    print(
+        f"read {path.stat().st_size:,} bytes in {result['seconds']:.2f} s, peak RSS +{result['extra_kib'] / 1024:.0f} MiB"
+    )
 
 
 @pytest.mark.slow

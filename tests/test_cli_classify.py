@@ -19,7 +19,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_classify_json_matches_the_model(narrow_weights, image_files, capsys):
-    assert main(["classify", *image_files, "--weights", narrow_weights, "--top", "3", "--json", "--batch-size", "2"]) == 0
+    assert (
+        main(["classify", *image_files, "--weights", narrow_weights, "--top", "3", "--json", "--batch-size", "2"]) == 0
+    )
     out = json.loads(capsys.readouterr().out)
     model = verydeep.load(narrow_weights)
     with torch.no_grad():

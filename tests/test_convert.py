@@ -10,12 +10,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import random_vgg
 
 import verydeep
-from verydeep.formats.caffe import CaffeGraph, read_prototxt, vgg_net, write_caffemodel, write_prototxt
 from verydeep.cli import main
+from verydeep.formats.caffe import CaffeGraph, read_prototxt, vgg_net, write_caffemodel, write_prototxt
 from verydeep.hub.weights import read_metadata
-from conftest import random_vgg
 
 SMALL_NET = """name: "small"
 input: "data"
@@ -31,8 +31,11 @@ layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }
 @pytest.mark.parametrize("version", ["V1", "V2"])
 def test_convert_keeps_every_array_and_records_the_source(version, tmp_path, capsys):
     model = random_vgg("A-LRN", num_classes=7)
-    blobs = {name: [m.weight.detach().numpy(), m.bias.detach().numpy()]
-             for name, m in model.named_children() if hasattr(m, "weight")}
+    blobs = {
+        name: [m.weight.detach().numpy(), m.bias.detach().numpy()]
+        for name, m in model.named_children()
+        if hasattr(m, "weight")
+    }
     src = tmp_path / "net.caffemodel"
     write_caffemodel(src, blobs, vgg_net("A-LRN", 1 / 16, 7), version=version)
 
@@ -53,8 +56,10 @@ def test_convert_keeps_every_array_and_records_the_source(version, tmp_path, cap
 def test_a_net_that_is_not_a_vgg_converts_through_the_graph(tmp_path):
     net = read_prototxt(SMALL_NET)
     rng = np.random.default_rng(0)
-    blobs = {"conv1": [rng.standard_normal((6, 3, 3, 3)).astype(np.float32), rng.standard_normal(6).astype(np.float32)],
-             "fc": [rng.standard_normal((5, 6 * 10 * 12)).astype(np.float32), rng.standard_normal(5).astype(np.float32)]}
+    blobs = {
+        "conv1": [rng.standard_normal((6, 3, 3, 3)).astype(np.float32), rng.standard_normal(6).astype(np.float32)],
+        "fc": [rng.standard_normal((5, 6 * 10 * 12)).astype(np.float32), rng.standard_normal(5).astype(np.float32)],
+    }
     proto, weights, out = tmp_path / "small.prototxt", tmp_path / "small.caffemodel", tmp_path / "small.safetensors"
     write_prototxt(net, proto)
     write_caffemodel(weights, blobs, net)

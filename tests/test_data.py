@@ -30,7 +30,16 @@ def write_meta_mat(path) -> None:
     """A devkit-style meta.mat: leaf synsets with their IDs, plus a non-leaf synset."""
     from scipy.io import savemat
 
-    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height", "num_train_images"]
+    fields = [
+        "ILSVRC2012_ID",
+        "WNID",
+        "words",
+        "gloss",
+        "num_children",
+        "children",
+        "wordnet_height",
+        "num_train_images",
+    ]
     rows = [(i, w, f"words {w}", "gloss", 0, np.zeros((1, 0)), 0, 1300) for w, i in DEVKIT_ID.items()]
     rows.append((5, "n01440000", "fish", "a non-leaf synset", 2, np.array([[2, 4]]), 1, 0))
     synsets = np.zeros((len(rows), 1), dtype=[(f, object) for f in fields])

@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from verydeep.hub.download import download
 from verydeep.errors import WeightsError
+from verydeep.hub.download import download
 
 
 class Server:

@@ -12,9 +12,11 @@ import torch
 from conftest import photo, random_vgg
 from PIL import Image
 
-from verydeep.core import distributed
 from verydeep.cli import main
+from verydeep.core import distributed
 from verydeep.data.eval_set import open_eval_set
+from verydeep.data.preprocess import MEAN_BGR
+from verydeep.errors import VerydeepError
 from verydeep.evaluate.protocols import (
     Protocol,
     Scorer,
@@ -27,8 +29,6 @@ from verydeep.evaluate.protocols import (
     rescale,
     save_scores,
 )
-from verydeep.errors import VerydeepError
-from verydeep.data.preprocess import MEAN_BGR
 
 CROP = 224
 
@@ -106,7 +106,7 @@ def test_center_offset_matches_torchvision_center_crop():
     from torchvision.transforms.v2 import functional as TF
 
     x = torch.arange(3 * 257 * 301, dtype=torch.int32).view(3, 257, 301)
-    (t, l), = crop_boxes(257, 301, Protocol.make("center", [256]))
+    ((t, l),) = crop_boxes(257, 301, Protocol.make("center", [256]))
     assert torch.equal(TF.center_crop(x, [CROP, CROP]), x[:, t : t + CROP, l : l + CROP])
 
 
@@ -282,7 +282,9 @@ def val(tmp_path):
 def test_evaluate_skips_a_corrupt_jpeg_and_reports_it(model, val):
     ds = open_eval_set(val)
     assert len(ds) == 7
-    r = evaluate(model, ds, Protocol.make("center", [232], flip=False), device="cpu", workers=0, progress=False, batch_size=3)
+    r = evaluate(
+        model, ds, Protocol.make("center", [232], flip=False), device="cpu", workers=0, progress=False, batch_size=3
+    )
     assert r.images == 6 and r.skipped == 1
     assert r.failed[0]["id"] == "n00000001/broken.JPEG" and "truncated" in r.failed[0]["reason"]
     assert "n00000001/broken.JPEG" not in r.ids
@@ -388,8 +390,21 @@ def test_precision_falls_back_to_autocast(model, val):
 # -- the command ------------------------------------------------------------------------------------
 def test_cli_json_and_scores(narrow_weights, val, tmp_path, capsys):
     out = tmp_path / "s.npz"
-    argv = ["evaluate", str(val), "--weights", narrow_weights, "--protocol", "center", "--scales", "232", "--device", "cpu"]
-    assert main(argv + ["--workers", "0", "--json", "--scores", str(out), "--predictions", str(tmp_path / "p.csv")]) == 0
+    argv = [
+        "evaluate",
+        str(val),
+        "--weights",
+        narrow_weights,
+        "--protocol",
+        "center",
+        "--scales",
+        "232",
+        "--device",
+        "cpu",
+    ]
+    assert (
+        main(argv + ["--workers", "0", "--json", "--scores", str(out), "--predictions", str(tmp_path / "p.csv")]) == 0
+    )
     s = json.loads(capsys.readouterr().out)
     assert s["images"] == 6 and s["skipped"] == 1 and s["failed"][0]["id"] == "n00000001/broken.JPEG"
     assert s["protocol"]["name"] == "center" and s["protocol"]["scales"] == [232]

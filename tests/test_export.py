@@ -15,10 +15,10 @@ import torch
 from conftest import random_vgg
 
 from verydeep.cli import main
+from verydeep.data.preprocess import MEAN_BGR
 from verydeep.errors import VerydeepError
 from verydeep.formats.export import export, probe
 from verydeep.formats.importers import TORCHVISION_MEAN, TORCHVISION_STD, torchvision_model
-from verydeep.data.preprocess import MEAN_BGR
 
 TOL = 1e-4
 
@@ -31,7 +31,9 @@ def rel(found, expected) -> float:
 
 def caffe_batch(n: int, h: int = 224, w: int = 224, seed: int = 7) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    rgb = torch.nn.functional.interpolate(torch.rand(n, 3, h // 8, w // 8, generator=g) * 255, size=(h, w), mode="bilinear")
+    rgb = torch.nn.functional.interpolate(
+        torch.rand(n, 3, h // 8, w // 8, generator=g) * 255, size=(h, w), mode="bilinear"
+    )
     return rgb[:, [2, 1, 0]] - torch.tensor(MEAN_BGR).view(1, 3, 1, 1)
 
 
@@ -66,7 +68,7 @@ def test_onnx_dense_equals_pytorch_at_two_sizes(tmp_path, model):
     out = tmp_path / "vgg_dense.onnx"
     export(model, out, "onnx", dense=True, exporter="torchscript")  # dynamo: see the classic test
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    for (h, w) in ((224, 224), (300, 419)):  # 300x419: Caffe's ceil-mode pooling sets the map size
+    for h, w in ((224, 224), (300, 419)):  # 300x419: Caffe's ceil-mode pooling sets the map size
         x = caffe_batch(2, h, w, seed=h)
         with torch.no_grad():
             expected = model.dense()(x).numpy()

@@ -17,10 +17,10 @@ import pytest
 import torch
 from conftest import photo, random_vgg
 
-from verydeep.extract import job as extract_module
 from verydeep.cli import main
 from verydeep.core.distributed import Context
 from verydeep.errors import VerydeepError
+from verydeep.extract import job as extract_module
 from verydeep.extract.job import extract
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,8 +152,24 @@ def test_cli_reads_paths_on_stdin(tmp_path, narrow_weights, images, monkeypatch,
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("".join(f"{p}\n" for p in images[:5])))
     out = tmp_path / "cli.npz"
-    code = main(["extract", "-", "--layer", "pool5", "--pool", "avg", "-o", str(out), "--weights", narrow_weights,
-                 "--workers", "0", "--json", "--no-progress"])
+    code = main(
+        [
+            "extract",
+            "-",
+            "--layer",
+            "pool5",
+            "--pool",
+            "avg",
+            "-o",
+            str(out),
+            "--weights",
+            narrow_weights,
+            "--workers",
+            "0",
+            "--json",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["rows"] == 4 and result["shapes"] == {"pool5": [32]} and len(result["failed"]) == 1
@@ -171,8 +187,24 @@ def _many_images(folder: Path, n: int) -> None:
 def test_resume_after_sigkill_of_the_cli(tmp_path, narrow_weights):
     data = tmp_path / "many"
     _many_images(data, 240)
-    base = [sys.executable, "-m", "verydeep", "extract", str(data), "--layer", "fc7", "--weights", narrow_weights,
-            "--batch-size", "4", "--chunk-size", "8", "--workers", "0", "--no-progress"]
+    base = [
+        sys.executable,
+        "-m",
+        "verydeep",
+        "extract",
+        str(data),
+        "--layer",
+        "fc7",
+        "--weights",
+        narrow_weights,
+        "--batch-size",
+        "4",
+        "--chunk-size",
+        "8",
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     whole = tmp_path / "whole.npy"
     subprocess.run(base + ["-o", str(whole)], check=True, env=env, capture_output=True)
@@ -195,15 +227,50 @@ def test_resume_after_sigkill_of_the_cli(tmp_path, narrow_weights):
 def test_torchrun_two_ranks_equal_one_process(tmp_path, narrow_weights):
     data = tmp_path / "many"
     _many_images(data, 30)
-    args = ["extract", str(data), "--layer", "fc7", "--layer", "pool5", "--weights", narrow_weights,
-            "--batch-size", "4", "--chunk-size", "4", "--workers", "0", "--no-progress", "--device", "cpu"]
+    args = [
+        "extract",
+        str(data),
+        "--layer",
+        "fc7",
+        "--layer",
+        "pool5",
+        "--weights",
+        narrow_weights,
+        "--batch-size",
+        "4",
+        "--chunk-size",
+        "4",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "verydeep", *args, "-o", str(tmp_path / "one.npz")], check=True, env=env,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "verydeep", *args, "-o", str(tmp_path / "one.npz")],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "verydeep",
-         *args, "-o", str(tmp_path / "two.npz")],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "verydeep",
+            *args,
+            "-o",
+            str(tmp_path / "two.npz"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "two.npz").read_bytes() == (tmp_path / "one.npz").read_bytes()

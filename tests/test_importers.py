@@ -14,6 +14,7 @@ import torch
 from conftest import random_vgg
 
 import verydeep
+from verydeep.data.preprocess import MEAN_BGR
 from verydeep.errors import WeightsError
 from verydeep.formats.importers import (
     TORCHVISION_MEAN,
@@ -28,7 +29,6 @@ from verydeep.formats.importers import (
     torchvision_model,
     unfold_input,
 )
-from verydeep.data.preprocess import MEAN_BGR
 
 WIDTH = 1 / 16
 
@@ -55,6 +55,7 @@ def tv_from_rgb01(x: torch.Tensor) -> torch.Tensor:
 
 
 # -- input spaces ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("space", ["rgb255", "rgb01", "torchvision"])
 def test_to_space_matches_the_written_out_conversions(space):
@@ -86,6 +87,7 @@ def test_fold_is_exact_with_offset_and_border_only_without(space):
 
 # -- torchvision -----------------------------------------------------------------------------------
 
+
 def test_torchvision_state_dict_loads_and_matches_torchvision_module(tmp_path):
     """A torchvision VGG (its own module, narrowed) saved as .pth, imported, gives the same
     scores on Caffe input as torchvision does on its usual input."""
@@ -107,7 +109,11 @@ def test_torchvision_state_dict_loads_and_matches_torchvision_module(tmp_path):
     # exact but for conv1_1's border, where ImageNet's mean and Caffe's mean pixel differ by <= 0.5/255
     assert rel(found, expected) < 1e-4
     # every layer but conv1_1 is a plain copy
-    names = {"conv5_3.weight": "features.28.weight", "fc6.weight": "classifier.0.weight", "fc8.bias": "classifier.6.bias"}
+    names = {
+        "conv5_3.weight": "features.28.weight",
+        "fc6.weight": "classifier.0.weight",
+        "fc8.bias": "classifier.6.bias",
+    }
     for mine, theirs in names.items():
         assert torch.equal(model.state_dict()[mine], tv.state_dict()[theirs])
 
@@ -173,8 +179,12 @@ def write_keras_h5(path, model, *, top: bool = True, naming: str = "old", whole_
         w6 = state["fc6.weight"]
         c = w6.shape[1] // 49
         k6 = w6.reshape(-1, c, 7, 7).transpose(2, 3, 1, 0).reshape(49 * c, -1)  # (H, W, C, out) rows
-        layers += [("flatten", []), ("fc1", [k6, state["fc6.bias"]]), ("fc2", [state["fc7.weight"].T, state["fc7.bias"]]),
-                   ("predictions", [state["fc8.weight"].T, state["fc8.bias"]])]
+        layers += [
+            ("flatten", []),
+            ("fc1", [k6, state["fc6.bias"]]),
+            ("fc2", [state["fc7.weight"].T, state["fc7.bias"]]),
+            ("predictions", [state["fc8.weight"].T, state["fc8.bias"]]),
+        ]
     with h5py.File(path, "w") as f:
         root = f.create_group("model_weights") if whole_model else f
         root.attrs["layer_names"] = [n.encode() for n, _ in layers]

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_vgg
 
 from verydeep import VGG, configs
-from conftest import random_vgg
 
 # Parameter counts of the paper's Table 2 (in millions), for the full-width nets.
 PAPER_TABLE_2 = {"A": 133, "A-LRN": 133, "B": 133, "C": 134, "D": 138, "E": 144}

@@ -9,10 +9,10 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import random_vgg
 
 import verydeep
 from verydeep import VerydeepError
-from conftest import random_vgg
 
 MEAN_BGR = np.array([103.939, 116.779, 123.68])  # the seed's mean pixel, written out again on purpose
 
@@ -50,7 +50,9 @@ def test_loss_is_zero_for_identical_images(net):
 def test_matches_a_float64_computation_by_hand(net):
     taps = ["relu1_1", "relu2_1", "relu3_3"]
     fw, sw = 0.5, 3.0
-    loss_fn = verydeep.PerceptualLoss(net, taps=taps, feature_weight=fw, style_weight=sw, layer_weights={"relu2_1": 2.0})
+    loss_fn = verydeep.PerceptualLoss(
+        net, taps=taps, feature_weight=fw, style_weight=sw, layer_weights={"relu2_1": 2.0}
+    )
     x, y, s = rgb01(seed=0), rgb01(seed=1), rgb01(1, 56, 40, seed=2)  # style: other size, one image
     found = loss_fn(x, y, style=s).item()
 

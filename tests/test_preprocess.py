@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from verydeep import MEAN_BGR, preprocess
+from verydeep.data.preprocess import center_crop_caffe, from_caffe, open_image, to_caffe
 from verydeep.errors import ImageError
-from verydeep.data.preprocess import center_crop_caffe, open_image, to_caffe, from_caffe
 
 
 def test_channel_order_and_mean_on_a_flat_colour():
@@ -20,7 +20,9 @@ def test_channel_order_and_mean_on_a_flat_colour():
     assert x.shape == (1, 3, 224, 224) and x.dtype == torch.float32
     expected_bgr = np.array([50, 100, 200]) - np.array(MEAN_BGR)
     assert np.allclose(x[0, :, 100, 100].numpy(), expected_bgr, atol=1e-4)
-    assert torch.allclose(from_caffe(to_caffe(torch.from_numpy(rgb).permute(2, 0, 1))), torch.from_numpy(rgb).permute(2, 0, 1).float())
+    assert torch.allclose(
+        from_caffe(to_caffe(torch.from_numpy(rgb).permute(2, 0, 1))), torch.from_numpy(rgb).permute(2, 0, 1).float()
+    )
 
 
 def test_resize_and_center_crop_match_a_numpy_reference():

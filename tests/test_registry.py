@@ -10,14 +10,14 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-
-import verydeep
-from verydeep.hub import weights
-from verydeep.formats.caffe import vgg_net, write_caffemodel
-from verydeep.cli import main
-from verydeep.errors import WeightsError
 from conftest import random_vgg
 from test_download import Server
+
+import verydeep
+from verydeep.cli import main
+from verydeep.errors import WeightsError
+from verydeep.formats.caffe import vgg_net, write_caffemodel
+from verydeep.hub import weights
 
 
 @pytest.fixture
@@ -25,8 +25,11 @@ def published(tmp_path, monkeypatch):
     """A narrow VGG-16 caffemodel (V1, as published) standing in for the official file: the
     registry entry is pointed at its size and md5, the mirror at a local server."""
     model = random_vgg("D", num_classes=1000, width=1 / 16)
-    blobs = {name: [m.weight.detach().numpy(), m.bias.detach().numpy()]
-             for name, m in model.named_children() if hasattr(m, "weight")}
+    blobs = {
+        name: [m.weight.detach().numpy(), m.bias.detach().numpy()]
+        for name, m in model.named_children()
+        if hasattr(m, "weight")
+    }
     path = tmp_path / "VGG_ILSVRC_16_layers.caffemodel"
     write_caffemodel(path, blobs, vgg_net("D", 1 / 16, 1000, batch=10), version="V1")
     body = path.read_bytes()
@@ -99,4 +102,3 @@ def test_a_wrong_file_put_by_hand_is_rejected(published):
     with pytest.raises(WeightsError, match="md5"):
         verydeep.load("vgg16", progress=False)
     assert not weights.cached_path("vgg16").exists()
-

@@ -7,14 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_vgg
 
 from verydeep.errors import VerydeepError
 from verydeep.runtime.executor import TOLERANCE, FastVGG, make_plan, max_pool_nhwc, native, optimize
-from conftest import random_vgg
 
 CPU = torch.device("cpu")
 #: Reduced precisions the CPU can run at all (natively or emulated by oneDNN).
-RUNNABLE = ["bf16"] + (["fp16"] if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported() else [])
+RUNNABLE = ["bf16"] + (
+    ["fp16"] if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported() else []
+)
 
 
 def rel(found: torch.Tensor, expected: torch.Tensor) -> float:
@@ -314,8 +316,8 @@ def test_cuda_graphs_match(precision):
 
 # -- the commands' fast-path call sites ---------------------------------------------------------------
 def test_extract_bf16_uses_the_fast_path(tmp_path, image_files, monkeypatch):
-    from verydeep.runtime import executor as runtime
     from verydeep.extract.job import extract, read_features
+    from verydeep.runtime import executor as runtime
 
     calls = []
     original = runtime.FastVGG.features

@@ -14,11 +14,11 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 from safetensors.torch import load_file
 from test_train_helpers import CLASSES, make_image_folder, read_jsonl
@@ -26,8 +26,8 @@ from test_train_helpers import CLASSES, make_image_folder, read_jsonl
 import verydeep
 from verydeep import VGG
 from verydeep.cli import main
-from verydeep.train.trainer import KILL_AT_ENV, Trainer, prepare_config
 from verydeep.hub.weights import save_safetensors
+from verydeep.train.trainer import KILL_AT_ENV, Trainer, prepare_config
 
 PY = sys.executable
 TINY = 1 / 32  # conv1 has 2 channels: a forward/backward pass at 224 takes milliseconds
@@ -128,7 +128,20 @@ def test_trained_weights_load_and_classify_with_the_class_names(learned, capsys)
     model = verydeep.load(str(learned["out"] / "model.safetensors"))
     assert model.class_names == list(CLASSES) and model.num_classes == 4 and model.config == "A"
     images = sorted((learned["val"] / "red").glob("*.jpg"))[:3] + sorted((learned["val"] / "blue").glob("*.jpg"))[:3]
-    assert main(["classify", *map(str, images), "--weights", str(learned["out"] / "model.safetensors"), "--json", "--top", "2"]) == 0
+    assert (
+        main(
+            [
+                "classify",
+                *map(str, images),
+                "--weights",
+                str(learned["out"] / "model.safetensors"),
+                "--json",
+                "--top",
+                "2",
+            ]
+        )
+        == 0
+    )
     results = json.loads(capsys.readouterr().out)
     labels = [r["predictions"][0]["label"] for r in results]
     assert labels.count("red") >= 2 and labels.count("blue") >= 2, labels  # the 256/224 protocol, not the training one
@@ -237,7 +250,9 @@ def test_torchrun_two_ranks_match_one_process(tiny, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(args(train, one, *common, val=val)) == 0
     torchrun = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "verydeep"]
-    r = subprocess.run([*torchrun, *args(train, two, *common, val=val)], env=env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [*torchrun, *args(train, two, *common, val=val)], env=env(), capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     assert r.stdout.count('"steps": 3') == 1  # rank 0 alone reports
     assert "batch 8 = 2 rank(s) x 1 x 4" in r.stderr
@@ -275,8 +290,8 @@ def test_gradient_accumulation_gives_the_full_batch_step(tiny, tmp_path, capsys)
 
 def test_one_step_is_the_textbook_sgd_step(tiny, tmp_path):
     """w <- w - lr * (grad of the batch-mean cross-entropy + wd * w): momentum's first step."""
-    from verydeep.data.augment import TrainTransform, to_input
     from verydeep.core.distributed import Context
+    from verydeep.data.augment import TrainTransform, to_input
     from verydeep.data.training import LabelledImages, collate, micro_batches, scan_image_folder
 
     train, _ = tiny
@@ -327,7 +342,9 @@ def test_init_from_a_shallower_net_copies_exactly_the_paper_layers(tiny, tmp_pat
     assert [n for n, line in rows.items() if "copied from" in line] == copied[:4] + ["fc6", "fc7", "fc8"]
     assert all("random (glorot)" in rows[n] for n in drawn)
     saved = {line.split()[0]: line.split(None, 2)[2] for line in (out / "init.txt").read_text().splitlines()[2:]}
-    assert saved == {n: f"copied from {tmp_path / 'A.safetensors'}" for n in copied} | {n: "random (glorot)" for n in drawn}
+    assert saved == {n: f"copied from {tmp_path / 'A.safetensors'}" for n in copied} | {
+        n: "random (glorot)" for n in drawn
+    }
     # Through the CLI, with the layers named explicitly: only those are copied.
     out2 = tmp_path / "D2"
     assert main(args(train, out2, "--arch", "D", "--init", str(tmp_path / "A.safetensors"), "--init-layers", "conv1_1", "fc8",
@@ -418,7 +435,10 @@ def test_lr_mult_scales_that_layers_step(tiny, tmp_path, source):
     train, _ = tiny
     src_path, src = source
     runs = {}
-    for tag, extra in (("plain", []), ("mult", ["--lr-mult", "fc8=10", "--lr-mult", "fc8.bias=20", "--lr-mult", "conv5_3=0.5"])):
+    for tag, extra in (
+        ("plain", []),
+        ("mult", ["--lr-mult", "fc8=10", "--lr-mult", "fc8.bias=20", "--lr-mult", "conv5_3=0.5"]),
+    ):
         out = tmp_path / tag
         assert main(["train", "--weights", str(src_path), "--data", str(train), "--out", str(out), "--scale", "224",
                      "--batch-size", "8", "--max-steps", "1", "--workers", "0", "--device", "cpu", "--no-progress",
@@ -431,7 +451,14 @@ def test_lr_mult_scales_that_layers_step(tiny, tmp_path, source):
     start.update({k: v.detach().clone() for k, v in job.model.state_dict().items() if k.startswith("fc8")})
     job.close()
     step = {tag: {k: w[k] - start[k] for k in w} for tag, w in runs.items()}
-    expected = {"fc8.weight": 10.0, "fc8.bias": 20.0, "conv5_3.weight": 0.5, "conv5_3.bias": 0.5, "fc7.weight": 1.0, "conv1_1.weight": 1.0}
+    expected = {
+        "fc8.weight": 10.0,
+        "fc8.bias": 20.0,
+        "conv5_3.weight": 0.5,
+        "conv5_3.bias": 0.5,
+        "fc7.weight": 1.0,
+        "conv1_1.weight": 1.0,
+    }
     for name, mult in expected.items():
         assert step["plain"][name].abs().max() > 0, name
         # atol: a difference of float32 weights of size <= 1 is exact to ~1e-7 (a few ulps)
@@ -477,10 +504,25 @@ def test_toml_config_with_cli_overrides_is_saved_as_the_effective_config(tiny, t
     (folder / "run.toml").write_text(
         'arch = "A"\nwidth = 0.03125\ndata = "mydata"\nscale = [224, 232]\nbatch_size = 8\nmicro_batch = 4\n'
         'lr = 0.05\nepochs = 3\nmax_steps = 1\nworkers = 0\ndevice = "cpu"\nmetrics_format = "csv"\n'
-        'tensorboard = false\nprogress = false\n\n[lr_mult]\nfc8 = 10\n'
+        "tensorboard = false\nprogress = false\n\n[lr_mult]\nfc8 = 10\n"
     )
     out = tmp_path / "run"
-    assert main(["train", "--config-file", str(folder / "run.toml"), "--lr", "0.002", "--out", str(out), "--weight-decay", "0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config-file",
+                str(folder / "run.toml"),
+                "--lr",
+                "0.002",
+                "--out",
+                str(out),
+                "--weight-decay",
+                "0",
+            ]
+        )
+        == 0
+    )
     saved = tomllib.loads((out / "config.toml").read_text())
     assert saved["lr"] == 0.002 and saved["weight_decay"] == 0  # flags win
     assert saved["batch_size"] == 8 and saved["micro_batch"] == 4 and saved["scale"] == [224, 232]  # from the file
@@ -491,7 +533,9 @@ def test_toml_config_with_cli_overrides_is_saved_as_the_effective_config(tiny, t
     assert (out / "metrics.csv").exists() and not (out / "metrics.jsonl").exists()
     # The saved file is a config file: it reproduces the run's options.
     again = prepare_config(out / "config.toml", {"out": str(tmp_path / "again")}).to_dict()
-    assert {k: v for k, v in again.items() if v is not None and k != "out"} == {k: v for k, v in saved.items() if k != "out"}
+    assert {k: v for k, v in again.items() if v is not None and k != "out"} == {
+        k: v for k, v in saved.items() if k != "out"
+    }
     # --init FROM is a path like data (relative to the file); a scheme name is not.
     (folder / "init.toml").write_text('init = "nets/A.safetensors"\n')
     assert prepare_config(folder / "init.toml").init == str(folder.resolve() / "nets" / "A.safetensors")

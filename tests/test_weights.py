@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from conftest import random_vgg
 from safetensors.torch import save_file
 
 import verydeep
+from verydeep import configs
 from verydeep.errors import WeightsError
 from verydeep.hub.weights import read_metadata, save_safetensors, vgg_spec_from_shapes
-from verydeep import configs
-from conftest import random_vgg
 
 
 def test_safetensors_round_trip_keeps_config_names_and_arrays(tmp_path):
@@ -55,7 +55,9 @@ def test_shape_mismatch_names_file_layer_expected_and_found(tmp_path):
     save_safetensors(model, path)
     meta = {"format": "verydeep-weights-1", **{k: json.dumps(v) for k, v in model.meta().items()}}
     save_file(state, str(path), metadata=meta)
-    with pytest.raises(WeightsError, match=r"bad.safetensors: layer conv3_2: weight expected shape 16x16x3x3, found 16x16x5x5"):
+    with pytest.raises(
+        WeightsError, match=r"bad.safetensors: layer conv3_2: weight expected shape 16x16x3x3, found 16x16x5x5"
+    ):
         verydeep.load(str(path))
 
 

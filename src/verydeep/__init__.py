@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from verydeep.configs import MEAN_BGR, TABLE_1
+from verydeep.data.preprocess import preprocess  # imports torchvision only when first used
 from verydeep.errors import VerydeepError
 from verydeep.models.vgg import VGG, DenseVGG
-from verydeep.data.preprocess import preprocess  # imports torchvision only when first used
 
 __version__ = "0.1.0"
 

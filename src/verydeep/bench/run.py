@@ -107,7 +107,7 @@ class OthersLoad:
     """Share of all CPUs' time used by *other* processes between ``start()`` and ``stop()``:
     busy jiffies in /proc/stat minus this process's own CPU time (all its threads)."""
 
-    def start(self) -> "OthersLoad":
+    def start(self) -> OthersLoad:
         self.a = self._snap()
         return self
 
@@ -150,7 +150,7 @@ class _RssSampler:
         self.peak = 0
         self._stop = threading.Event()
 
-    def __enter__(self) -> "_RssSampler":
+    def __enter__(self) -> _RssSampler:
         self.before = _rss_bytes() or 0
         self.peak = self.before
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -213,7 +213,12 @@ def torchvision_twin(model: nn.Module) -> nn.Module | None:
         c5 = cfg[-2]
         fc = configs.scaled(configs.FC_WIDTH, model.width)
         net.classifier = nn.Sequential(
-            nn.Linear(c5 * 49, fc), nn.ReLU(True), nn.Dropout(), nn.Linear(fc, fc), nn.ReLU(True), nn.Dropout(),
+            nn.Linear(c5 * 49, fc),
+            nn.ReLU(True),
+            nn.Dropout(),
+            nn.Linear(fc, fc),
+            nn.ReLU(True),
+            nn.Dropout(),
             nn.Linear(fc, model.num_classes),
         )
     ours = [getattr(model, s.name) for s in model.specs if s.kind in ("conv", "fc")]
@@ -278,8 +283,14 @@ def _onnx_file(model: nn.Module, folder: Path, dense: bool) -> Path:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            net.cpu().eval(), (x,), str(path), dynamo=False, opset_version=17, input_names=["data"],
-            output_names=["out"], dynamic_axes={"data": axes, "out": axes},
+            net.cpu().eval(),
+            (x,),
+            str(path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["data"],
+            output_names=["out"],
+            dynamic_axes={"data": axes, "out": axes},
         )
     return path
 
@@ -320,10 +331,14 @@ def opencv_engine(model: nn.Module, folder: Path, threads: int, dense: bool) -> 
 
         return run
 
-    classic = net_for(folder / "classic.onnx" if (folder / "classic.onnx").exists() else _onnx_file(model, folder, False))
+    classic = net_for(
+        folder / "classic.onnx" if (folder / "classic.onnx").exists() else _onnx_file(model, folder, False)
+    )
     dense_fn = None
     if dense:
-        dense_fn = net_for(folder / "dense.onnx" if (folder / "dense.onnx").exists() else _onnx_file(model, folder, True))
+        dense_fn = net_for(
+            folder / "dense.onnx" if (folder / "dense.onnx").exists() else _onnx_file(model, folder, True)
+        )
     return Engine("opencv", "fp32", classic, dense_fn, time.perf_counter() - t0, {"version": cv2.__version__})
 
 
@@ -458,7 +473,9 @@ def run_bench(
     exact = Engine("exact", "fp32", _torch_call(model), _torch_call(model.dense()))
     twin = torchvision_twin(model) if "torchvision" in baselines else None
     if "torchvision" in baselines and twin is None:
-        skipped["torchvision"] = f"torchvision has no config {config} (or is not installed): the baseline is verydeep's exact eager path"
+        skipped["torchvision"] = (
+            f"torchvision has no config {config} (or is not installed): the baseline is verydeep's exact eager path"
+        )
     if twin is not None:
         engines.append(Engine("torchvision", "fp32", _torch_call(twin.to(dev))))
         baseline_classic = "torchvision"
@@ -488,8 +505,10 @@ def run_bench(
     inputs = {s.key: _probe(s.batch, s.height, s.width, seed=i).to(dev) for i, s in enumerate(scenarios)}
     say("reference outputs (exact path)")
     with _ExactFp32(dev):  # on GPU PyTorch convolves fp32 in TF32 by default; the reference must not
-        refs = {s.key: _as_tensor((exact.classic if s.view == "classic" else exact.dense)(inputs[s.key])).float().cpu()  # type: ignore[misc]
-                for s in scenarios}
+        refs = {
+            s.key: _as_tensor((exact.classic if s.view == "classic" else exact.dense)(inputs[s.key])).float().cpu()  # type: ignore[misc]
+            for s in scenarios
+        }
 
     def fn_of(e: Engine, s: Scenario) -> Callable[[torch.Tensor], Any] | None:
         if s.view == "classic":
@@ -533,8 +552,11 @@ def run_bench(
     # memory and fidelity (untimed calls)
     results: list[dict[str, Any]] = []
     for s in scenarios:
-        flops = (2 * configs.multiply_adds(config, configs.CROP, w, nc) if s.view == "classic"
-                 else dense_flops(config, s.height, s.width, w, nc))
+        flops = (
+            2 * configs.multiply_adds(config, configs.CROP, w, nc)
+            if s.view == "classic"
+            else dense_flops(config, s.height, s.width, w, nc)
+        )
         base = baseline_classic if s.view == "classic" else "exact"
         base_label = f"{base} fp32"
         base_ips = None
@@ -609,8 +631,11 @@ def run_bench(
         "plans": plans,
         "results": results,
         "skipped": skipped,
-        "load": {"cpu_busy_before": busy_before, "cpu_busy_after": cpu_busy() if dev.type == "cpu" else None,
-                 "others_during_timing": others_during},
+        "load": {
+            "cpu_busy_before": busy_before,
+            "cpu_busy_after": cpu_busy() if dev.type == "cpu" else None,
+            "others_during_timing": others_during,
+        },
     }
     return report
 
@@ -630,38 +655,57 @@ def format_report(report: dict[str, Any]) -> str:
     load = report.get("load", {})
     if load.get("cpu_busy_before") is not None:
         during = load.get("others_during_timing")
-        lines.append(f"other processes: {100 * load['cpu_busy_before']:.0f}% of the CPUs busy before, "
-                     + (f"{100 * during:.0f}% during the timed calls, " if during is not None else "")
-                     + f"{100 * (load.get('cpu_busy_after') or 0):.0f}% after; loadavg {m.get('loadavg')}")
+        lines.append(
+            f"other processes: {100 * load['cpu_busy_before']:.0f}% of the CPUs busy before, "
+            + (f"{100 * during:.0f}% during the timed calls, " if during is not None else "")
+            + f"{100 * (load.get('cpu_busy_after') or 0):.0f}% after; loadavg {m.get('loadavg')}"
+        )
     for p, plan in report["plans"].items():
-        lines.append(f"plan {p}: {plan['dtype']} on {plan['device']}, conv {plan['conv']}, fc {plan['linear']}, "
-                     f"pool {plan['pool']}, cache blocking {plan['cache_bytes'] >> 20} MiB"
-                     + (", CUDA graphs" if plan["cuda_graphs"] else "") + (", torch.compile" if plan["compile"] else ""))
+        lines.append(
+            f"plan {p}: {plan['dtype']} on {plan['device']}, conv {plan['conv']}, fc {plan['linear']}, "
+            f"pool {plan['pool']}, cache blocking {plan['cache_bytes'] >> 20} MiB"
+            + (", CUDA graphs" if plan["cuda_graphs"] else "")
+            + (", torch.compile" if plan["compile"] else "")
+        )
         for note in plan["notes"]:
             lines.append(f"  note: {note}")
     rows = []
     mem_key = "peak_gpu_mb" if any("peak_gpu_mb" in r for r in report["results"]) else "peak_rss_mb"
     for r in report["results"]:
-        rows.append([
-            f"{r['view']} {r['batch']}x{r['height']}x{r['width']}",
-            f"{r['engine']} {r['precision']}" + (f" ({r['compute_dtype']})" if r["compute_dtype"] != r["precision"] else ""),
-            f"{r['images_per_s']:.2f}",
-            f"{r['latency_ms']:.1f}",
-            f"{r['gflops']:.0f}",
-            f"{r['speedup']:.2f}x" if r["speedup"] else "-",
-            f"{r.get(mem_key, 0):.0f} (+{r.get('call_mb', 0):.0f})",
-            f"{r['rel_error']:.1e}" if r["rel_error"] is not None else "-",
-            f"{100 * r['top1_agreement']:.0f}%" if r["top1_agreement"] is not None else "-",
-        ])
-    header = ["input", "engine", "img/s", "latency ms", "GFLOP/s", "vs baseline",
-              "peak MiB (+call)", "rel err", "top-1 agree"]
+        rows.append(
+            [
+                f"{r['view']} {r['batch']}x{r['height']}x{r['width']}",
+                f"{r['engine']} {r['precision']}"
+                + (f" ({r['compute_dtype']})" if r["compute_dtype"] != r["precision"] else ""),
+                f"{r['images_per_s']:.2f}",
+                f"{r['latency_ms']:.1f}",
+                f"{r['gflops']:.0f}",
+                f"{r['speedup']:.2f}x" if r["speedup"] else "-",
+                f"{r.get(mem_key, 0):.0f} (+{r.get('call_mb', 0):.0f})",
+                f"{r['rel_error']:.1e}" if r["rel_error"] is not None else "-",
+                f"{100 * r['top1_agreement']:.0f}%" if r["top1_agreement"] is not None else "-",
+            ]
+        )
+    header = [
+        "input",
+        "engine",
+        "img/s",
+        "latency ms",
+        "GFLOP/s",
+        "vs baseline",
+        "peak MiB (+call)",
+        "rel err",
+        "top-1 agree",
+    ]
     lines.append("")
     lines.append(_table(rows, header))
     for name, why in report["skipped"].items():
         lines.append(f"skipped {name}: {why}")
-    lines.append(f"baseline: torchvision's eager fp32 VGG for the classic net (else verydeep's exact eager path), "
-                 f"verydeep's exact eager dense view for dense; {report['settings']['statistic']} "
-                 f"({report['settings']['repeats']} each)")
+    lines.append(
+        f"baseline: torchvision's eager fp32 VGG for the classic net (else verydeep's exact eager path), "
+        f"verydeep's exact eager dense view for dense; {report['settings']['statistic']} "
+        f"({report['settings']['repeats']} each)"
+    )
     return "\n".join(lines)
 
 

@@ -32,20 +32,45 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--weights", metavar="NAME|PATH", help="weights to measure (default: random weights; speed does not depend on them)")
+    p.add_argument(
+        "--weights",
+        metavar="NAME|PATH",
+        help="weights to measure (default: random weights; speed does not depend on them)",
+    )
     p.add_argument("--prototxt", metavar="PATH", help="deploy prototxt for a caffemodel whose net is not a known VGG")
     p.add_argument("--arch", default="D", help="Table 1 configuration without --weights (default: %(default)s)")
-    p.add_argument("--width", type=float, default=1.0, help="channel width factor without --weights (default: %(default)s)")
+    p.add_argument(
+        "--width", type=float, default=1.0, help="channel width factor without --weights (default: %(default)s)"
+    )
     p.add_argument("--num-classes", type=int, default=1000, help="classes without --weights (default: %(default)s)")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 16], metavar="N", help="classic-net batch sizes (default: 1 16)")
-    p.add_argument("--precision", nargs="+", choices=("fp32", "bf16", "fp16"), default=["fp32", "bf16"],
-                   help="fast-path precisions to measure (default: fp32 bf16)")
-    p.add_argument("--dense", type=int, default=384, metavar="Q",
-                   help="dense net on one Q x 4Q/3 image; 0 skips it (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=5, metavar="N", help="timed calls per engine and input (default: %(default)s)")
+    p.add_argument(
+        "--batch", type=int, nargs="+", default=[1, 16], metavar="N", help="classic-net batch sizes (default: 1 16)"
+    )
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        choices=("fp32", "bf16", "fp16"),
+        default=["fp32", "bf16"],
+        help="fast-path precisions to measure (default: fp32 bf16)",
+    )
+    p.add_argument(
+        "--dense",
+        type=int,
+        default=384,
+        metavar="Q",
+        help="dense net on one Q x 4Q/3 image; 0 skips it (default: %(default)s)",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=5, metavar="N", help="timed calls per engine and input (default: %(default)s)"
+    )
     p.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed first calls (default: %(default)s)")
-    p.add_argument("--baselines", type=_csv, default=["torchvision", "onnxruntime", "opencv"], metavar="LIST",
-                   help="comma-separated: torchvision, exact, onnxruntime, opencv (default: torchvision,onnxruntime,opencv)")
+    p.add_argument(
+        "--baselines",
+        type=_csv,
+        default=["torchvision", "onnxruntime", "opencv"],
+        metavar="LIST",
+        help="comma-separated: torchvision, exact, onnxruntime, opencv (default: torchvision,onnxruntime,opencv)",
+    )
     p.add_argument("--compile", action="store_true", help="also measure the torch.compile variant of each precision")
     p.add_argument("--threads", type=int, metavar="N", help="torch/onnxruntime/OpenCV threads (default: torch's)")
     p.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1); default: cuda if available")
@@ -62,10 +87,21 @@ def run(args: argparse.Namespace) -> int:
             print(f"bench: {msg}", file=sys.stderr, flush=True)
 
     report = run_bench(
-        weights=args.weights, prototxt=args.prototxt, arch=args.arch, width=args.width, num_classes=args.num_classes,
-        batches=args.batch, precisions=args.precision, dense=args.dense or None, repeats=args.repeats,
-        warmup=args.warmup, baselines=args.baselines, device=args.device, threads=args.threads,
-        compile=args.compile, progress=progress,
+        weights=args.weights,
+        prototxt=args.prototxt,
+        arch=args.arch,
+        width=args.width,
+        num_classes=args.num_classes,
+        batches=args.batch,
+        precisions=args.precision,
+        dense=args.dense or None,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        baselines=args.baselines,
+        device=args.device,
+        threads=args.threads,
+        compile=args.compile,
+        progress=progress,
     )
     if args.json:
         print_json(report)

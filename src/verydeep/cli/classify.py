@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from verydeep.cli.common import add_device_options, add_json_option, add_weights_options, print_json, resolve_device, table
+from verydeep.cli.common import (
+    add_device_options,
+    add_json_option,
+    add_weights_options,
+    print_json,
+    resolve_device,
+    table,
+)
 
 EXAMPLES = """examples:
   verydeep classify cat.jpg
@@ -37,8 +44,12 @@ def run(args: argparse.Namespace) -> int:
 
     model = load(args.weights, args.prototxt)
     results, errors = classify_files(
-        model, args.images, top=args.top, batch_size=args.batch_size,
-        device=resolve_device(args.device), precision=args.precision,
+        model,
+        args.images,
+        top=args.top,
+        batch_size=args.batch_size,
+        device=resolve_device(args.device),
+        precision=args.precision,
     )
     if args.json:
         print_json(results)

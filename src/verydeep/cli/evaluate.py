@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from verydeep.cli.common import add_device_options, add_json_option, add_weights_options, print_json, print_skipped, table
+from verydeep.cli.common import (
+    add_device_options,
+    add_json_option,
+    add_weights_options,
+    print_json,
+    print_skipped,
+    table,
+)
 
 EPILOG = """\
 examples:
@@ -39,9 +46,13 @@ def add_parser(sub: Any) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("data", nargs="?", metavar="DATA", help="folder of images (ImageFolder val/<wnid>/*, or flat with --labels)")
+    p.add_argument(
+        "data", nargs="?", metavar="DATA", help="folder of images (ImageFolder val/<wnid>/*, or flat with --labels)"
+    )
     g = p.add_argument_group("data")
-    g.add_argument("--labels", metavar="FILE", help="Caffe list (name label), devkit ground truth, or LOC_val_solution.csv")
+    g.add_argument(
+        "--labels", metavar="FILE", help="Caffe list (name label), devkit ground truth, or LOC_val_solution.csv"
+    )
     g.add_argument("--layout", choices=LAYOUTS, default="auto", help="data layout (default: detected)")
     g.add_argument("--meta", metavar="MAT", help="the devkit's meta.mat (default: next to the ground-truth file)")
     g.add_argument(
@@ -53,11 +64,22 @@ def add_parser(sub: Any) -> None:
     g = p.add_argument_group("protocol")
     g.add_argument("--protocol", choices=PROTOCOLS, default="dense", help="test protocol (default: %(default)s)")
     g.add_argument(
-        "--scales", type=int, nargs="+", metavar="Q", help="test scales Q, shorter side (default: 256 for center, else 256 384 512)"
+        "--scales",
+        type=int,
+        nargs="+",
+        metavar="Q",
+        help="test scales Q, shorter side (default: 256 for center, else 256 384 512)",
     )
     g.add_argument("--no-flip", action="store_true", help="do not add horizontally flipped images/crops")
-    g.add_argument("--interpolation", choices=tuple(INTERPOLATIONS), default="bilinear", help="rescaling (default: %(default)s, antialiased)")
-    g.add_argument("--grid", choices=GRIDS, default="span", help="multi-crop placement (default: %(default)s: corners to corners)")
+    g.add_argument(
+        "--interpolation",
+        choices=tuple(INTERPOLATIONS),
+        default="bilinear",
+        help="rescaling (default: %(default)s, antialiased)",
+    )
+    g.add_argument(
+        "--grid", choices=GRIDS, default="span", help="multi-crop placement (default: %(default)s: corners to corners)"
+    )
     g.add_argument("--grid-size", type=int, default=5, metavar="N", help="multi-crop grid N x N (default: %(default)s)")
     g.add_argument(
         "--dense-average",
@@ -70,17 +92,36 @@ def add_parser(sub: Any) -> None:
     add_device_options(g)
     g.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per batch (default: %(default)s)")
     g.add_argument(
-        "--max-batch", type=int, default=128, metavar="N", help="most 224x224 crops (or as many pixels) per forward pass (default: %(default)s)"
+        "--max-batch",
+        type=int,
+        default=128,
+        metavar="N",
+        help="most 224x224 crops (or as many pixels) per forward pass (default: %(default)s)",
     )
-    g.add_argument("--workers", type=int, metavar="N", help="decoding processes (default: min(8, CPUs); 0 decodes in the main process)")
+    g.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="decoding processes (default: min(8, CPUs); 0 decodes in the main process)",
+    )
     g = p.add_argument_group("results")
-    g.add_argument("--scores", metavar="OUT.npz", help="write per-image soft-max, labels and ids (partial results go to OUT.npz.parts/)")
+    g.add_argument(
+        "--scores",
+        metavar="OUT.npz",
+        help="write per-image soft-max, labels and ids (partial results go to OUT.npz.parts/)",
+    )
     g.add_argument("--resume", action="store_true", help="continue the run whose partial results are next to --scores")
     g.add_argument(
-        "--checkpoint-every", type=float, default=60.0, metavar="SECONDS", help="flush partial results this often (default: %(default)s)"
+        "--checkpoint-every",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="flush partial results this often (default: %(default)s)",
     )
     g.add_argument("--predictions", metavar="OUT.csv", help="write each image's top-5 classes")
-    g.add_argument("--combine", nargs="+", metavar="NPZ", help="fuse saved runs (average their soft-max) instead of evaluating")
+    g.add_argument(
+        "--combine", nargs="+", metavar="NPZ", help="fuse saved runs (average their soft-max) instead of evaluating"
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json_option(g)
     p.set_defaults(run=run)
@@ -121,7 +162,9 @@ def _evaluate(args: argparse.Namespace, ctx: Any) -> tuple[Any, Any]:
     from verydeep.hub.weights import load
 
     device = distributed.device_for(ctx, args.device)
-    data = open_eval_set(args.data, args.labels, layout=args.layout, meta=args.meta, synsets=args.synsets, limit=args.limit)
+    data = open_eval_set(
+        args.data, args.labels, layout=args.layout, meta=args.meta, synsets=args.synsets, limit=args.limit
+    )
     protocol = Protocol.make(
         args.protocol,
         args.scales,
@@ -172,7 +215,10 @@ def _report(args: argparse.Namespace, result: Any, names: Any) -> None:
     protocol = result.protocol
     scales = ",".join(map(str, protocol.get("scales", []))) or "-"
     if unlabeled and not args.predictions:
-        rows = [[p["id"], p["names"][0] if p.get("names") else p["top"][0], f"{p['probabilities'][0]:.4f}"] for p in result.predictions(1, names)]
+        rows = [
+            [p["id"], p["names"][0] if p.get("names") else p["top"][0], f"{p['probabilities'][0]:.4f}"]
+            for p in result.predictions(1, names)
+        ]
         print(table(rows, ["image", "top-1", "probability"]))
         print()
     row = [
@@ -187,6 +233,17 @@ def _report(args: argparse.Namespace, result: Any, names: Any) -> None:
         f"{summary['wall_s']:.1f}",
         f"{summary['images_per_s']:.1f}",
     ]
-    header = ["protocol", "scales Q", "images", "skipped", "top-1 err %", "top-5 err %", "top-1 acc %", "top-5 acc %", "wall s", "images/s"]
+    header = [
+        "protocol",
+        "scales Q",
+        "images",
+        "skipped",
+        "top-1 err %",
+        "top-5 err %",
+        "top-1 acc %",
+        "top-5 acc %",
+        "wall s",
+        "images/s",
+    ]
     print(table([row], header))
     print_skipped([(x["id"], x["reason"]) for x in result.failed], "", "see --json or the scores file")

@@ -21,7 +21,12 @@ rgb255 = RGB 0..255; rgb01 = RGB 0..1; torchvision = RGB 0..1 normalised by Imag
 """
 
 INPUTS = ("caffe", "rgb255", "rgb01", "torchvision")
-FORMATS = ("onnx", "torchvision", "safetensors", "caffe")  # verydeep.formats.export.FORMATS (not imported: keeps --help fast)
+FORMATS = (
+    "onnx",
+    "torchvision",
+    "safetensors",
+    "caffe",
+)  # verydeep.formats.export.FORMATS (not imported: keeps --help fast)
 OPSET = 18
 
 
@@ -35,14 +40,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("weights", metavar="WEIGHTS", help="registry name (vgg16, vgg19) or a weights file/URL")
     p.add_argument("--prototxt", metavar="PATH", help="deploy prototxt for a caffemodel whose net is not a known VGG")
     p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("-o", "--output", metavar="OUT", help="output file (default: WEIGHTS' name with the format's suffix)")
-    p.add_argument("--input", choices=INPUTS, default=None, dest="input_space",
-                   help="input space of the exported model (default: caffe; torchvision for --format torchvision)")
-    p.add_argument("--dense", action="store_true",
-                   help="the fully convolutional net (onnx: dynamic height and width; caffe: fc as convolutions)")
+    p.add_argument(
+        "-o", "--output", metavar="OUT", help="output file (default: WEIGHTS' name with the format's suffix)"
+    )
+    p.add_argument(
+        "--input",
+        choices=INPUTS,
+        default=None,
+        dest="input_space",
+        help="input space of the exported model (default: caffe; torchvision for --format torchvision)",
+    )
+    p.add_argument(
+        "--dense",
+        action="store_true",
+        help="the fully convolutional net (onnx: dynamic height and width; caffe: fc as convolutions)",
+    )
     p.add_argument("--opset", type=int, default=OPSET, help="ONNX opset, 17 or later (default: %(default)s)")
-    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
-                   help="torch.onnx exporter (default: %(default)s)")
+    p.add_argument(
+        "--exporter",
+        choices=("dynamo", "torchscript"),
+        default="dynamo",
+        help="torch.onnx exporter (default: %(default)s)",
+    )
     add_json_option(p)
     p.set_defaults(run=run)
 
@@ -54,8 +73,15 @@ def run(args: argparse.Namespace) -> int:
 
     out = args.output or Path(str(args.weights)).stem + ("_dense" if args.dense else "") + WRITERS[args.format][2]
     model = load(args.weights, args.prototxt, device="cpu")
-    report = export(model, out, args.format, input_space=args.input_space, dense=args.dense,
-                    opset=args.opset, exporter=args.exporter)
+    report = export(
+        model,
+        out,
+        args.format,
+        input_space=args.input_space,
+        dense=args.dense,
+        opset=args.opset,
+        exporter=args.exporter,
+    )
     if args.json:
         print_json(report.as_dict())
         return 0

@@ -33,15 +33,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("data", metavar="DATA", help="folder, list file, or '-' (paths on stdin)")
     p.add_argument("--layer", action="append", required=True, metavar="NAME", help="Caffe layer name (repeatable)")
-    p.add_argument("--pool", choices=("none", "avg", "max"), default="none",
-                   help="reduce spatial maps to one vector per image (default: %(default)s)")
+    p.add_argument(
+        "--pool",
+        choices=("none", "avg", "max"),
+        default="none",
+        help="reduce spatial maps to one vector per image (default: %(default)s)",
+    )
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="OUT.npy (one layer), .npz, .parquet or .h5")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per batch (default: %(default)s)")
     p.add_argument("--workers", type=int, default=None, metavar="N", help="decoding processes (default: min(4, CPUs))")
-    p.add_argument("--size", type=int, default=256, metavar="S", help="shorter side before cropping (default: %(default)s)")
+    p.add_argument(
+        "--size", type=int, default=256, metavar="S", help="shorter side before cropping (default: %(default)s)"
+    )
     p.add_argument("--crop", type=int, default=224, metavar="C", help="central crop (default: %(default)s)")
-    p.add_argument("--chunk-size", type=int, default=None, metavar="N",
-                   help="images per saved part (default: about 256 MiB of features)")
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="images per saved part (default: about 256 MiB of features)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same options")
     p.add_argument("--overwrite", action="store_true", help="replace OUT and any partial results")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -53,9 +64,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from verydeep.core import distributed
+    from verydeep.data.images import resolve_inputs
     from verydeep.errors import VerydeepError
     from verydeep.extract.job import extract
-    from verydeep.data.images import resolve_inputs
     from verydeep.hub.weights import load
 
     if args.batch_size < 1:
@@ -65,9 +76,21 @@ def run(args: argparse.Namespace) -> int:
         inputs = resolve_inputs(args.data)
         model = load(args.weights, args.prototxt)
         result = extract(
-            model, inputs, args.layer, args.output, pool=args.pool, batch_size=args.batch_size,
-            workers=args.workers, size=args.size, crop=args.crop, resume=args.resume, overwrite=args.overwrite,
-            device=args.device, precision=args.precision, chunk_size=args.chunk_size, ctx=ctx,
+            model,
+            inputs,
+            args.layer,
+            args.output,
+            pool=args.pool,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            size=args.size,
+            crop=args.crop,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            device=args.device,
+            precision=args.precision,
+            chunk_size=args.chunk_size,
+            ctx=ctx,
             progress=not args.no_progress,
         )
     finally:

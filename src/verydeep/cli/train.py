@@ -45,13 +45,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         argument_default=argparse.SUPPRESS,  # only flags given on the command line override the config file
     )
     p.add_argument("--config-file", metavar="F.toml", default=None, help="options as TOML (flags override it)")
-    p.add_argument("--resume", action="store_true", default=False, help="continue the run in --out from its newest checkpoint")
+    p.add_argument(
+        "--resume", action="store_true", default=False, help="continue the run in --out from its newest checkpoint"
+    )
     p.add_argument("--json", action="store_true", default=False, help="print the result as JSON")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", metavar="TRAIN", help="training ImageFolder (one sub-folder of images per class)")
     g.add_argument("--val", metavar="VAL", help="validation ImageFolder (same class folders); drives the LR schedule")
-    g.add_argument("--scale", type=int, nargs="+", metavar="S", help="training scale S, or S_min S_max for jittering (default 256)")
+    g.add_argument(
+        "--scale", type=int, nargs="+", metavar="S", help="training scale S, or S_min S_max for jittering (default 256)"
+    )
     g.add_argument("--val-scale", type=int, metavar="Q", help="validation scale Q (default S, or (S_min+S_max)/2)")
     g.add_argument("--crop", type=int, help="crop size, 193..224 (fc6 needs pool5 7x7; default 224)")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flips (default on)")
@@ -65,10 +69,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--weights", metavar="NAME|PATH", help="fine-tune from these weights (vgg16, vgg19, a file or URL)")
     g.add_argument("--prototxt", metavar="PATH", help="deploy prototxt for a caffemodel --weights")
     g.add_argument("--init", metavar="FROM", help="glorot (default), normal, or a trained shallower net's weights file")
-    g.add_argument("--init-std", type=float, metavar="STD", help="std of --init normal (default 0.1: the paper's variance 1e-2)")
-    g.add_argument("--init-layers", nargs="+", metavar="LAYER", help="layers --init FROM copies (default: its first 4 conv + fc6-fc8)")
+    g.add_argument(
+        "--init-std", type=float, metavar="STD", help="std of --init normal (default 0.1: the paper's variance 1e-2)"
+    )
+    g.add_argument(
+        "--init-layers",
+        nargs="+",
+        metavar="LAYER",
+        help="layers --init FROM copies (default: its first 4 conv + fc6-fc8)",
+    )
     g.add_argument("--freeze-through", metavar="LAYER", help="do not train this layer and those before it (e.g. pool5)")
-    g.add_argument("--lr-mult", action="append", metavar="LAYER=M", help="per-layer LR multiplier like Caffe's (repeatable): fc8=10")
+    g.add_argument(
+        "--lr-mult",
+        action="append",
+        metavar="LAYER=M",
+        help="per-layer LR multiplier like Caffe's (repeatable): fc8=10",
+    )
     g.add_argument("--dropout", type=float, metavar="P", help="dropout on fc6 and fc7 (default 0.5)")
 
     g = p.add_argument_group("optimisation")
@@ -80,23 +96,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--weight-decay", type=float, help="default 5e-4")
     g.add_argument("--lr-factor", type=float, help="LR multiplier on a plateau (default 0.1)")
     g.add_argument("--max-lr-drops", type=int, help="default 3")
-    g.add_argument("--plateau-patience", type=int, metavar="EPOCHS", help="epochs without a new best val top-1 (default 2)")
+    g.add_argument(
+        "--plateau-patience", type=int, metavar="EPOCHS", help="epochs without a new best val top-1 (default 2)"
+    )
     g.add_argument("--plateau-threshold", type=float, help="top-1 gain that counts as improving (default 0)")
     g.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
 
     g = p.add_argument_group("run")
     g.add_argument("--out", metavar="RUN_DIR", help="run folder (default runs/<arch>-<date>-<time>)")
-    g.add_argument("--checkpoint-every", type=int, metavar="STEPS", help="also at each epoch end (default 1000; 0 = epochs only)")
+    g.add_argument(
+        "--checkpoint-every", type=int, metavar="STEPS", help="also at each epoch end (default 1000; 0 = epochs only)"
+    )
     g.add_argument("--keep-checkpoints", type=int, metavar="K", help="default 3")
     g.add_argument("--seed", type=int, help="default 0")
-    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, help="deterministic kernels (bit-exact resume on CPU)")
+    g.add_argument(
+        "--deterministic", action=argparse.BooleanOptionalAction, help="deterministic kernels (bit-exact resume on CPU)"
+    )
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available; cuda:LOCAL_RANK under torchrun)")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (default fp32)")
-    g.add_argument("--channels-last", choices=("auto", "on", "off"), help="NHWC memory format (default auto: on for CUDA)")
+    g.add_argument(
+        "--channels-last", choices=("auto", "on", "off"), help="NHWC memory format (default auto: on for CUDA)"
+    )
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the net")
     g.add_argument("--log-every", type=int, metavar="STEPS", help="default 10")
     g.add_argument("--metrics-format", choices=("jsonl", "csv"), help="default jsonl")
-    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, help="event files too, if installed (default on)")
+    g.add_argument(
+        "--tensorboard", action=argparse.BooleanOptionalAction, help="event files too, if installed (default on)"
+    )
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bar on stderr (default on)")
     p.set_defaults(run=run)
 

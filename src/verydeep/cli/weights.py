@@ -38,8 +38,12 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print_json(rows)
         else:
-            print(table([[r["name"], r["config"], "yes" if r["cached"] else "no", r["description"]] for r in rows],
-                        ["name", "config", "cached", "description"]))
+            print(
+                table(
+                    [[r["name"], r["config"], "yes" if r["cached"] else "no", r["description"]] for r in rows],
+                    ["name", "config", "cached", "description"],
+                )
+            )
         return 0
     if args.name not in REGISTRY:
         raise VerydeepError(f"weights {args.action}: expected a registry name (vgg16, vgg19), found {args.name!r}")

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from verydeep.errors import VerydeepError
 from verydeep.data.images import IMAGE_SUFFIXES, find_images, resolve_inputs
+from verydeep.errors import VerydeepError
 
 LAYOUTS = ("auto", "imagefolder", "caffe", "devkit", "kaggle", "unlabeled")
 
@@ -63,7 +63,7 @@ class EvalSet:
     def labeled(self) -> bool:
         return self.labels is not None
 
-    def subset(self, indices: Sequence[int]) -> "EvalSet":
+    def subset(self, indices: Sequence[int]) -> EvalSet:
         return replace(
             self,
             paths=tuple(self.paths[i] for i in indices),
@@ -71,7 +71,7 @@ class EvalSet:
             labels=None if self.labels is None else tuple(self.labels[i] for i in indices),
         )
 
-    def spread(self, n: int | None) -> "EvalSet":
+    def spread(self, n: int | None) -> EvalSet:
         """``n`` images spread evenly over the set (all when ``n`` is None or too large).
 
         Evenly spaced rather than the first ``n``: an ImageFolder lists class by class, so
@@ -156,7 +156,9 @@ def read_imagefolder(root: str | os.PathLike, synsets: Sequence[str] | None = No
     return EvalSet(root, tuple(paths), ids, tuple(labels), classes, "imagefolder")
 
 
-def read_caffe_list(list_file: str | os.PathLike, root: str | os.PathLike, synsets: Sequence[str] | None = None) -> EvalSet:
+def read_caffe_list(
+    list_file: str | os.PathLike, root: str | os.PathLike, synsets: Sequence[str] | None = None
+) -> EvalSet:
     """Caffe's ``val.txt``: ``name label`` per line, label in sorted-wnid order; names are
     relative to ``root``."""
     list_file, root = Path(list_file), Path(root)
@@ -174,7 +176,9 @@ def read_caffe_list(list_file: str | os.PathLike, root: str | os.PathLike, synse
     return EvalSet(root, paths, tuple(names), tuple(labels), classes, "caffe")
 
 
-def read_devkit(ground_truth: str | os.PathLike, root: str | os.PathLike, meta: str | os.PathLike | None = None) -> EvalSet:
+def read_devkit(
+    ground_truth: str | os.PathLike, root: str | os.PathLike, meta: str | os.PathLike | None = None
+) -> EvalSet:
     """The devkit's ground truth: line i holds the ILSVRC2012_ID of image i (1-based, the
     devkit's own class order); ``meta.mat`` maps it to a wnid, then to the sorted-wnid index."""
     ground_truth, root = Path(ground_truth), Path(root)
@@ -196,13 +200,17 @@ def read_devkit(ground_truth: str | os.PathLike, root: str | os.PathLike, meta: 
     return EvalSet(root, paths, tuple(names), tuple(labels), tuple(sorted(index)), "devkit")
 
 
-def read_kaggle(solution: str | os.PathLike, root: str | os.PathLike, synsets: str | os.PathLike | None = None) -> EvalSet:
+def read_kaggle(
+    solution: str | os.PathLike, root: str | os.PathLike, synsets: str | os.PathLike | None = None
+) -> EvalSet:
     """Kaggle's ``LOC_val_solution.csv`` (ImageId, PredictionString whose first token is the
     wnid) with ``LOC_synset_mapping.txt``; images are ``root/<ImageId>.JPEG``, sorted by id."""
     solution, root = Path(solution), Path(root)
     mapping = Path(synsets) if synsets is not None else solution.parent / KAGGLE_SYNSETS
     if not mapping.exists():
-        raise VerydeepError(f"{mapping}: no such file; Kaggle's solution file needs LOC_synset_mapping.txt (--synsets PATH)")
+        raise VerydeepError(
+            f"{mapping}: no such file; Kaggle's solution file needs LOC_synset_mapping.txt (--synsets PATH)"
+        )
     index = _index_of(read_synsets(mapping))
     rows: dict[str, int] = {}
     try:

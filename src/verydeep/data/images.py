@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from verydeep.errors import ImageError, VerydeepError
 from verydeep.data.preprocess import to_uint8_chw
+from verydeep.errors import ImageError, VerydeepError
 
 #: File endings treated as images when scanning folders.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")

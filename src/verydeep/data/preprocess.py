@@ -129,4 +129,3 @@ def preprocess(
         if not (isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4):
             images = [images]
     return torch.stack([center_crop_caffe(im, size, crop, interpolation) for im in images])
-

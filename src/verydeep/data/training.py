@@ -20,9 +20,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from verydeep.core.distributed import Context
-from verydeep.errors import ImageError, VerydeepError
 from verydeep.data.images import Failed, find_images, reason_of
 from verydeep.data.preprocess import to_uint8_chw
+from verydeep.errors import ImageError, VerydeepError
 
 
 @dataclass
@@ -100,15 +100,23 @@ class Batch:
     def __len__(self) -> int:
         return len(self.indices)
 
-    def pin_memory(self) -> "Batch":
-        return Batch(self.indices, self.crops.pin_memory(), self.shifts.pin_memory(), self.labels.pin_memory(), self.failed)
+    def pin_memory(self) -> Batch:
+        return Batch(
+            self.indices, self.crops.pin_memory(), self.shifts.pin_memory(), self.labels.pin_memory(), self.failed
+        )
 
 
 def collate(items: list[tuple[int, Item | Failed]], crop: int) -> Batch:
     good = [(i, x) for i, x in items if isinstance(x, Item)]
     failed = [x for _, x in items if isinstance(x, Failed)]
     if not good:
-        return Batch([], torch.empty(0, 3, crop, crop, dtype=torch.uint8), torch.empty(0, 3), torch.empty(0, dtype=torch.long), failed)
+        return Batch(
+            [],
+            torch.empty(0, 3, crop, crop, dtype=torch.uint8),
+            torch.empty(0, 3),
+            torch.empty(0, dtype=torch.long),
+            failed,
+        )
     return Batch(
         [i for i, _ in good],
         torch.stack([x.crop for _, x in good]),
@@ -173,7 +181,9 @@ def val_batches(n: int, batch: int, ctx: Context) -> list[list[tuple[int, int]]]
     return [[(0, i) for i in mine[j : j + batch]] for j in range(0, len(mine), batch)]
 
 
-def make_loader(dataset: Dataset, batches: list[list[tuple[int, int]]], crop: int, workers: int, pin_memory: bool) -> DataLoader:
+def make_loader(
+    dataset: Dataset, batches: list[list[tuple[int, int]]], crop: int, workers: int, pin_memory: bool
+) -> DataLoader:
     """Decode in ``workers`` processes, in the given order, ``prefetch`` batches ahead each."""
     return DataLoader(
         dataset,

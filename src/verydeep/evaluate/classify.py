@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from verydeep.errors import ImageError
 from verydeep.data.preprocess import center_crop_caffe
+from verydeep.errors import ImageError
 
 
 def predict(
@@ -27,10 +27,7 @@ def predict(
     out = []
     for vs, ix in zip(values.tolist(), indices.tolist()):
         out.append(
-            [
-                {"index": i, "label": class_names[i] if class_names else str(i), "probability": v}
-                for v, i in zip(vs, ix)
-            ]
+            [{"index": i, "label": class_names[i] if class_names else str(i), "probability": v} for v, i in zip(vs, ix)]
         )
     return out
 

@@ -39,13 +39,13 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from verydeep.core import distributed
 from verydeep.configs import CROP
+from verydeep.core import distributed
 from verydeep.data.eval_set import EvalSet, check_labels
-from verydeep.errors import VerydeepError
 from verydeep.data.images import Failed, ImageDataset, collate_skipping
-from verydeep.models.vgg import spatial_average
 from verydeep.data.preprocess import to_caffe
+from verydeep.errors import VerydeepError
+from verydeep.models.vgg import spatial_average
 
 PROTOCOLS = ("center", "multicrop", "dense", "combined")
 #: The paper's best settings for the released nets (trained with S jittered in [256, 512]):
@@ -113,7 +113,7 @@ class Protocol:
             raise VerydeepError(f"grid size must be positive, found {self.grid_size}")
 
     @classmethod
-    def make(cls, name: str = "dense", scales: Sequence[int] | None = None, **kw: Any) -> "Protocol":
+    def make(cls, name: str = "dense", scales: Sequence[int] | None = None, **kw: Any) -> Protocol:
         """A protocol with the paper's default scales for ``name`` unless ``scales`` are given."""
         if name not in PROTOCOLS:
             raise VerydeepError(f"unknown protocol {name!r}; expected one of {', '.join(PROTOCOLS)}")
@@ -520,7 +520,9 @@ def combine(paths: Sequence[str | os.PathLike]) -> EvalResult:
     )
 
 
-def write_predictions(result: EvalResult, path: str | os.PathLike, class_names: Sequence[str] | None = None, k: int = 5) -> Path:
+def write_predictions(
+    result: EvalResult, path: str | os.PathLike, class_names: Sequence[str] | None = None, k: int = 5
+) -> Path:
     """A CSV with each image's top-``k`` classes and probabilities (and label when known)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -614,11 +616,15 @@ class PartStore:
                             z["probs"][rows],
                             [
                                 Failed(int(i), str(p), str(r))
-                                for i, p, r in zip(z["failed_index"][frows], z["failed_path"][frows], z["failed_reason"][frows])
+                                for i, p, r in zip(
+                                    z["failed_index"][frows], z["failed_path"][frows], z["failed_reason"][frows]
+                                )
                             ],
                         )
             except (OSError, ValueError, KeyError) as e:
-                raise VerydeepError(f"{part}: unreadable part of an earlier run ({e}); delete it to recompute its chunks") from None
+                raise VerydeepError(
+                    f"{part}: unreadable part of an earlier run ({e}); delete it to recompute its chunks"
+                ) from None
         return out
 
     def remove(self) -> None:
@@ -720,7 +726,9 @@ def evaluate(
     if store is not None:
         had_parts = store.exists()
         if had_parts and not resume:
-            raise VerydeepError(f"{store.dir}: partial results of an earlier run; pass --resume to continue it, or delete it")
+            raise VerydeepError(
+                f"{store.dir}: partial results of an earlier run; pass --resume to continue it, or delete it"
+            )
         if resume and not had_parts and Path(scores).exists():  # already complete: report it
             distributed.barrier(ctx)
             return _finished(Path(scores), state, ctx)
@@ -763,14 +771,22 @@ def evaluate(
             new.append(result)
             computed += len(indices)
             if labels is not None and len(indices):
-                hits += [len(indices), topk_correct(probs, labels[indices], 1).sum(), topk_correct(probs, labels[indices], 5).sum()]
+                hits += [
+                    len(indices),
+                    topk_correct(probs, labels[indices], 1).sum(),
+                    topk_correct(probs, labels[indices], 5).sum(),
+                ]
             if store is not None and time.monotonic() - last_flush >= checkpoint_every:
                 store.write(pending)
                 pending, last_flush = [], time.monotonic()
             if bar is not None:
                 bar.update(len(chunks[c]))
                 if hits[0]:
-                    bar.set_postfix(top1_err=f"{100 - 100 * hits[1] / hits[0]:.2f}%", top5_err=f"{100 - 100 * hits[2] / hits[0]:.2f}%", refresh=False)
+                    bar.set_postfix(
+                        top1_err=f"{100 - 100 * hits[1] / hits[0]:.2f}%",
+                        top5_err=f"{100 - 100 * hits[2] / hits[0]:.2f}%",
+                        refresh=False,
+                    )
             if exit_after and n_chunk >= exit_after:
                 os._exit(75)  # test hook: a kill without flushing or cleanup
         if store is not None:
@@ -800,11 +816,15 @@ def evaluate(
     return result
 
 
-def _merge(ordered: list[ChunkResult], data: EvalSet, protocol: Protocol, num_classes: int, run: dict[str, Any]) -> EvalResult:
+def _merge(
+    ordered: list[ChunkResult], data: EvalSet, protocol: Protocol, num_classes: int, run: dict[str, Any]
+) -> EvalResult:
     """Chunk results in chunk order -> one result in the set's order."""
     indices = np.concatenate([r.indices for r in ordered] or [np.zeros(0, np.int64)]).astype(np.int64)
     width = next((r.probs.shape[1] for r in ordered if len(r.indices)), num_classes)
-    probs = np.concatenate([r.probs.reshape(len(r.indices), width) for r in ordered] or [np.zeros((0, width), np.float32)])
+    probs = np.concatenate(
+        [r.probs.reshape(len(r.indices), width) for r in ordered] or [np.zeros((0, width), np.float32)]
+    )
     labels = np.asarray(data.labels, dtype=np.int64)[indices] if data.labels is not None else None
     return EvalResult(
         protocol=protocol.to_dict(),

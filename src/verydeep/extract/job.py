@@ -36,11 +36,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from verydeep.core import distributed
 from verydeep.configs import CROP
-from verydeep.errors import VerydeepError
+from verydeep.core import distributed
 from verydeep.data.images import Failed, ImageDataset, collate_skipping
 from verydeep.data.preprocess import RESIZE, center_crop_caffe
+from verydeep.errors import VerydeepError
 
 #: Spatial pooling of 4-D taps (conv/relu/pool maps) to one vector per image.
 POOLS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -67,14 +67,18 @@ class ExtractResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "output": self.output, "images": self.images, "rows": self.rows,
+            "output": self.output,
+            "images": self.images,
+            "rows": self.rows,
             "shapes": {k: list(v) for k, v in self.shapes.items()},
             "failed": [{"path": f.path, "reason": f.reason} for f in self.failed],
-            "files": self.files, "chunks_reused": self.chunks_reused,
+            "files": self.files,
+            "chunks_reused": self.chunks_reused,
         }
 
 
 # -- the job ------------------------------------------------------------------------------------
+
 
 def extract(
     model: Any,
@@ -135,8 +139,22 @@ def extract(
     n_chunks = math.ceil(len(paths) / chunk)
     mine = [k for k in distributed.shard(n_chunks, ctx) if not _chunk_path(parts, k).exists()]
     reused = n_chunks - len(mine) if not ctx.distributed else 0
-    _run_chunks(model, paths, layers, pool, parts, mine, chunk, batch_size, workers, size, crop, dev, precision,
-                progress and ctx.is_main)
+    _run_chunks(
+        model,
+        paths,
+        layers,
+        pool,
+        parts,
+        mine,
+        chunk,
+        batch_size,
+        workers,
+        size,
+        crop,
+        dev,
+        precision,
+        progress and ctx.is_main,
+    )
     _barrier(ctx)
     if not ctx.is_main:
         return None
@@ -203,7 +221,9 @@ def _prepare(out: Path, parts: Path, manifest: dict[str, Any], resume: bool, ove
     if overwrite:
         shutil.rmtree(parts, ignore_errors=True)
     elif parts.exists() and not resume:
-        raise VerydeepError(f"{parts}: an earlier run's partial results; pass --resume to continue or --overwrite to start over")
+        raise VerydeepError(
+            f"{parts}: an earlier run's partial results; pass --resume to continue or --overwrite to start over"
+        )
     elif out.exists() and not resume:
         raise VerydeepError(f"{out}: exists; pass --overwrite to replace it")
     parts.mkdir(parents=True, exist_ok=True)
@@ -233,8 +253,20 @@ def _barrier(ctx: distributed.Context) -> None:
 
 
 def _run_chunks(
-    model: Any, paths: list[str], layers: list[str], pool: str, parts: Path, chunks: list[int], chunk: int,
-    batch_size: int, workers: int | None, size: int, crop: int, dev: torch.device, precision: str, progress: bool,
+    model: Any,
+    paths: list[str],
+    layers: list[str],
+    pool: str,
+    parts: Path,
+    chunks: list[int],
+    chunk: int,
+    batch_size: int,
+    workers: int | None,
+    size: int,
+    crop: int,
+    dev: torch.device,
+    precision: str,
+    progress: bool,
 ) -> None:
     """Compute and write the given chunks; batches are cut within each chunk."""
     from tqdm.auto import tqdm
@@ -251,12 +283,19 @@ def _run_chunks(
     if workers is None:
         workers = min(4, os.cpu_count() or 1)
     dataset = ImageDataset(paths, partial(center_crop_caffe, size=size, crop=crop))
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_skipping,
-                        pin_memory=dev.type == "cuda")
+    loader = DataLoader(
+        dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_skipping, pin_memory=dev.type == "cuda"
+    )
     # fp32: the exact path; bf16/fp16: the fast path (:mod:`verydeep.runtime`), which computes the taps itself
     run = model if precision == "fp32" or not hasattr(model, "optimized") else model.optimized(precision, device=dev)
-    bar = tqdm(total=sum(len(b) for b in batches), unit="img", desc="extract", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        total=sum(len(b) for b in batches),
+        unit="img",
+        desc="extract",
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     indices: list[int] = []
     feats: dict[str, list[np.ndarray]] = {t: [] for t in layers}
     failed: list[Failed] = []
@@ -287,6 +326,7 @@ def _write_chunk(path: Path, indices: list[int], feats: dict[str, list[np.ndarra
 
 # -- merging ------------------------------------------------------------------------------------
 
+
 def merge(
     out: Path, parts: Path, paths: list[str], layers: list[str], shapes: dict[str, tuple[int, ...]], n_chunks: int
 ) -> ExtractResult:
@@ -303,7 +343,9 @@ def merge(
             rows += len(z["__index__"])
             failed += [Failed(*f) for f in json.loads(str(z["__failed__"]))]
     if rows == 0:
-        raise VerydeepError(f"none of the {len(paths)} images could be read (first: {failed[0].path}: {failed[0].reason})")
+        raise VerydeepError(
+            f"none of the {len(paths)} images could be read (first: {failed[0].path}: {failed[0].reason})"
+        )
 
     def chunks(keys: Sequence[str]) -> Iterator[tuple[list[str], dict[str, np.ndarray]]]:
         for k in range(n_chunks):
@@ -360,7 +402,9 @@ def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
     return buf.getvalue()
 
 
-def _write_npy(tmp: Path, final: Path, rows: int, layers: list[str], shapes: dict, meta: dict, chunks: Chunks) -> list[str]:
+def _write_npy(
+    tmp: Path, final: Path, rows: int, layers: list[str], shapes: dict, meta: dict, chunks: Chunks
+) -> list[str]:
     (layer,) = layers
     names: list[str] = []
     with open(tmp, "wb") as f:
@@ -373,7 +417,9 @@ def _write_npy(tmp: Path, final: Path, rows: int, layers: list[str], shapes: dic
     return [str(listing)]
 
 
-def _write_npz(tmp: Path, final: Path, rows: int, layers: list[str], shapes: dict, meta: dict, chunks: Chunks) -> list[str]:
+def _write_npz(
+    tmp: Path, final: Path, rows: int, layers: list[str], shapes: dict, meta: dict, chunks: Chunks
+) -> list[str]:
     """An uncompressed .npz written member by member, chunk by chunk (np.load reads it as usual);
     fixed timestamps make the bytes depend on the data only."""
     all_paths = [p for p, _ in chunks([])]
@@ -393,7 +439,9 @@ def _write_npz(tmp: Path, final: Path, rows: int, layers: list[str], shapes: dic
     return []
 
 
-def _write_parquet(tmp: Path, final: Path, rows: int, layers: list[str], shapes: dict, meta: dict, chunks: Chunks) -> list[str]:
+def _write_parquet(
+    tmp: Path, final: Path, rows: int, layers: list[str], shapes: dict, meta: dict, chunks: Chunks
+) -> list[str]:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -414,7 +462,9 @@ def _write_parquet(tmp: Path, final: Path, rows: int, layers: list[str], shapes:
     return []
 
 
-def _write_h5(tmp: Path, final: Path, rows: int, layers: list[str], shapes: dict, meta: dict, chunks: Chunks) -> list[str]:
+def _write_h5(
+    tmp: Path, final: Path, rows: int, layers: list[str], shapes: dict, meta: dict, chunks: Chunks
+) -> list[str]:
     try:
         import h5py
     except ImportError:
@@ -443,7 +493,10 @@ WRITERS: dict[str, Callable[..., list[str]]] = {
 
 # -- reading back ---------------------------------------------------------------------------------
 
-def read_features(path: str | os.PathLike, layers: Sequence[str] | None = None) -> tuple[list[str], dict[str, np.ndarray]]:
+
+def read_features(
+    path: str | os.PathLike, layers: Sequence[str] | None = None
+) -> tuple[list[str], dict[str, np.ndarray]]:
     """(image paths, {layer: N x ... array}) from any file :func:`extract` writes."""
     path = Path(path)
     suffix = path.suffix.lower()

@@ -55,6 +55,7 @@ class ExportReport:
 
 # -- helpers ------------------------------------------------------------------------------------
 
+
 class _Offset(nn.Module):
     """``net(x + offset)``: the part of an input-space conversion that cannot precede zero padding
     as a bias. Added before conv1_1, it keeps the export exact at the image border."""
@@ -117,6 +118,7 @@ def _fail(paths: list[Path], message: str) -> None:
 
 # -- formats ------------------------------------------------------------------------------------
 
+
 def _export_onnx(model: VGG, out: Path, space: str, dense: bool, opset: int, exporter: str) -> ExportReport:
     try:
         import onnx
@@ -137,16 +139,31 @@ def _export_onnx(model: VGG, out: Path, space: str, dense: bool, opset: int, exp
         if exporter == "dynamo":
             dims = {0: torch.export.Dim("batch", min=1)}
             if dense:  # any size from 224 (one fc6 window) up
-                dims.update({2: torch.export.Dim("height", min=configs.CROP), 3: torch.export.Dim("width", min=configs.CROP)})
+                dims.update(
+                    {2: torch.export.Dim("height", min=configs.CROP), 3: torch.export.Dim("width", min=configs.CROP)}
+                )
             torch.onnx.export(
-                net, (example,), str(tmp), dynamo=True, opset_version=opset, input_names=["data"],
-                output_names=["fc8"], dynamic_shapes=({k: v for k, v in dims.items()},), verbose=False,
+                net,
+                (example,),
+                str(tmp),
+                dynamo=True,
+                opset_version=opset,
+                input_names=["data"],
+                output_names=["fc8"],
+                dynamic_shapes=({k: v for k, v in dims.items()},),
+                verbose=False,
                 external_data=False,
             )
         elif exporter == "torchscript":
             torch.onnx.export(
-                net, (example,), str(tmp), dynamo=False, opset_version=opset, input_names=["data"],
-                output_names=["fc8"], dynamic_axes={"data": axes, "fc8": axes},
+                net,
+                (example,),
+                str(tmp),
+                dynamo=False,
+                opset_version=opset,
+                input_names=["data"],
+                output_names=["fc8"],
+                dynamic_axes={"data": axes, "fc8": axes},
             )
         else:
             raise VerydeepError(f"unknown ONNX exporter {exporter!r}; use dynamo or torchscript")
@@ -191,8 +208,13 @@ def _export_torchvision(model: VGG, out: Path, space: str, dense: bool, opset: i
     offset = INPUT_SPACES[space].offsets()
     exact = bool(abs(offset).max() == 0) or space == "caffe"
     arch = TORCHVISION_ARCH[model.config]
-    loader = f"torchvision.models.{arch}(num_classes={model.num_classes})" if model.width == 1 else (
-        f"verydeep.formats.importers.torchvision_model({model.config!r}, {model.width}, {model.num_classes}) (narrow net)")
+    loader = (
+        f"torchvision.models.{arch}(num_classes={model.num_classes})"
+        if model.width == 1
+        else (
+            f"verydeep.formats.importers.torchvision_model({model.config!r}, {model.width}, {model.num_classes}) (narrow net)"
+        )
+    )
     notes = [
         f"load with {loader}.load_state_dict(torch.load(PATH, weights_only=True))",
         f"input: {INPUT_SPACES[space].description}",

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from verydeep import configs
-from verydeep.errors import WeightsError
 from verydeep.configs import MEAN_BGR
+from verydeep.errors import WeightsError
 
 # -- input spaces ------------------------------------------------------------------------------
 
@@ -66,7 +66,9 @@ _MEAN_RGB = tuple(reversed(MEAN_BGR))
 INPUT_SPACES: dict[str, InputSpace] = {
     s.name: s
     for s in (
-        InputSpace("caffe", "BGR", (1.0, 1.0, 1.0), MEAN_BGR, "BGR, 0..255, Caffe mean pixel subtracted (verydeep's own)"),
+        InputSpace(
+            "caffe", "BGR", (1.0, 1.0, 1.0), MEAN_BGR, "BGR, 0..255, Caffe mean pixel subtracted (verydeep's own)"
+        ),
         InputSpace("rgb255", "RGB", (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), "RGB, 0..255, nothing subtracted"),
         InputSpace("rgb01", "RGB", (255.0, 255.0, 255.0), (0.0, 0.0, 0.0), "RGB, 0..1, nothing subtracted"),
         InputSpace(
@@ -174,7 +176,9 @@ def to_torchvision_state(model: Any, space: str = "torchvision") -> dict[str, to
     return {names[k]: v for k, v in state.items()}
 
 
-def torchvision_model(config: str = "D", width: float = 1.0, num_classes: int = 1000, *, empty: bool = False) -> torch.nn.Module:
+def torchvision_model(
+    config: str = "D", width: float = 1.0, num_classes: int = 1000, *, empty: bool = False
+) -> torch.nn.Module:
     """torchvision's own VGG module for a Table 1 config: ``torchvision.models.vgg16()`` etc. at
     width 1, the same classes narrowed by ``width`` otherwise (for tests). Used to check exports
     against torchvision. ``empty``: parameters on the meta device (no init cost), for
@@ -220,7 +224,7 @@ def _torch_load(path: Path) -> dict[str, Any]:
         raise WeightsError(f"{path}: expected a state dict (name -> tensor), found {type(obj).__name__}")
     prefix = "module."  # DistributedDataParallel
     if obj and all(k.startswith(prefix) for k in obj):
-        obj = {k[len(prefix):]: v for k, v in obj.items()}
+        obj = {k[len(prefix) :]: v for k, v in obj.items()}
     return obj
 
 
@@ -241,9 +245,7 @@ def load_torchvision_state(path: str | os.PathLike) -> tuple[dict[str, torch.Ten
         return {k: v.to(torch.float32) for k, v in raw.items()}, meta
     if any(k.endswith("running_mean") for k in raw):
         raise WeightsError(f"{path}: a batch-norm VGG (vgg*_bn): not a Table 1 net, not supported")
-    feats = sorted(
-        {int(m.group(1)) for k in raw if (m := re.fullmatch(r"features\.(\d+)\.weight", k))}
-    )
+    feats = sorted({int(m.group(1)) for k in raw if (m := re.fullmatch(r"features\.(\d+)\.weight", k))})
     if not feats or "classifier.6.weight" not in raw:
         sample = ", ".join(list(raw)[:4])
         raise WeightsError(
@@ -251,12 +253,17 @@ def load_torchvision_state(path: str | os.PathLike) -> tuple[dict[str, torch.Ten
         )
     kernels = tuple(raw[f"features.{i}.weight"].shape[-1] for i in feats)
     config = next(
-        (c for c, stages in configs.TABLE_1.items() if tuple(k for st in stages for k in st if k != "LRN") == kernels
-         and c in TORCHVISION_ARCH),
+        (
+            c
+            for c, stages in configs.TABLE_1.items()
+            if tuple(k for st in stages for k in st if k != "LRN") == kernels and c in TORCHVISION_ARCH
+        ),
         None,
     )
     if config is None:
-        raise WeightsError(f"{path}: {len(feats)} convolutions with kernels {kernels}: no Table 1 configuration matches")
+        raise WeightsError(
+            f"{path}: {len(feats)} convolutions with kernels {kernels}: no Table 1 configuration matches"
+        )
     width = raw[f"features.{feats[0]}.weight"].shape[0] / configs.STAGE_CHANNELS[0]
     num_classes = int(raw["classifier.6.weight"].shape[0])
     names = torchvision_names(config, width, num_classes)
@@ -269,8 +276,13 @@ def load_torchvision_state(path: str | os.PathLike) -> tuple[dict[str, torch.Ten
     state = {inverse[k]: v.to(torch.float32) for k, v in raw.items()}
     w, b = unfold_input(state["conv1_1.weight"], state["conv1_1.bias"], "torchvision")
     state["conv1_1.weight"], state["conv1_1.bias"] = w, b
-    meta.update(config=config, width=width, num_classes=num_classes, file_input_space="torchvision",
-                arch=TORCHVISION_ARCH[config])
+    meta.update(
+        config=config,
+        width=width,
+        num_classes=num_classes,
+        file_input_space="torchvision",
+        arch=TORCHVISION_ARCH[config],
+    )
     return state, meta
 
 
@@ -333,7 +345,9 @@ def _keras_weights(path: Path) -> dict[str, list[np.ndarray]]:
             for raw_name in root.attrs["layer_names"]:
                 name = raw_name.decode() if isinstance(raw_name, bytes) else str(raw_name)
                 group = root[name]
-                weight_names = [w.decode() if isinstance(w, bytes) else str(w) for w in group.attrs.get("weight_names", [])]
+                weight_names = [
+                    w.decode() if isinstance(w, bytes) else str(w) for w in group.attrs.get("weight_names", [])
+                ]
                 if weight_names:
                     out[name] = [np.asarray(group[w]) for w in weight_names]
         elif "layers" in root:
@@ -366,11 +380,18 @@ def load_keras_h5(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
         arrays[f"{name}.weight"], arrays[f"{name}.bias"] = values
     convs = sorted(k[:-7] for k in arrays if k.startswith("conv") and k.endswith(".weight"))
     if not convs:
-        raise WeightsError(f"{path}: no Keras VGG layers (block1_conv1 ...) found; layers: {', '.join(list(layers)[:5])}")
+        raise WeightsError(
+            f"{path}: no Keras VGG layers (block1_conv1 ...) found; layers: {', '.join(list(layers)[:5])}"
+        )
     counts = tuple(sum(1 for c in convs if c.startswith(f"conv{s}_")) for s in range(1, 6))
     config = next(
-        (c for c, stages in configs.TABLE_1.items() if tuple(len(st) for st in stages) == counts and "LRN" not in sum(stages, ())
-         and all(k == 3 for st in stages for k in st)),
+        (
+            c
+            for c, stages in configs.TABLE_1.items()
+            if tuple(len(st) for st in stages) == counts
+            and "LRN" not in sum(stages, ())
+            and all(k == 3 for st in stages for k in st)
+        ),
         None,
     )
     if config is None:
@@ -399,7 +420,9 @@ def load_keras_h5(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
         elif key == "fc6.weight":
             c, h, w = shape[1] // configs.POOL5_SIZE**2, configs.POOL5_SIZE, configs.POOL5_SIZE
             if a.shape != (h * w * c, shape[0]):
-                raise WeightsError(f"{path}: layer fc1: expected kernel {h * w * c}x{shape[0]}, found {'x'.join(map(str, a.shape))}")
+                raise WeightsError(
+                    f"{path}: layer fc1: expected kernel {h * w * c}x{shape[0]}, found {'x'.join(map(str, a.shape))}"
+                )
             a = a.reshape(h, w, c, shape[0]).transpose(3, 2, 0, 1).reshape(shape)  # (H,W,C,out) -> (out,C,H,W)
         elif key.endswith(".weight"):
             a = a.T  # Dense (in, out) -> (out, in)
@@ -408,8 +431,15 @@ def load_keras_h5(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
                 f"{path}: layer {layer}: expected {'x'.join(map(str, shape))}, found {'x'.join(map(str, a.shape))}"
             )
         state[key] = torch.from_numpy(np.ascontiguousarray(a))
-    meta = {"source": str(path), "source_format": "keras", "config": config, "width": width,
-            "num_classes": num_classes, "top": top, "file_input_space": "caffe"}
+    meta = {
+        "source": str(path),
+        "source_format": "keras",
+        "config": config,
+        "width": width,
+        "num_classes": num_classes,
+        "top": top,
+        "file_input_space": "caffe",
+    }
     return state, meta
 
 

@@ -29,7 +29,7 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
     return h.hexdigest()
 
 
-def _hashes_of(path: Path) -> tuple["hashlib._Hash", "hashlib._Hash"]:
+def _hashes_of(path: Path) -> tuple[hashlib._Hash, hashlib._Hash]:
     md5, sha = hashlib.md5(), hashlib.sha256()
     if path.exists():
         with open(path, "rb") as f:
@@ -97,8 +97,14 @@ def download(
                 length = response.headers.get("Content-Length")
                 total = size if size is not None else (have + int(length) if length else None)
                 bar = tqdm(
-                    total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                    desc=dest.name, disable=not progress, leave=False,
+                    total=total,
+                    initial=have,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=dest.name,
+                    disable=not progress,
+                    leave=False,
                 )
                 try:
                     with open(part, mode) as f:

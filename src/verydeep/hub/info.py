@@ -26,7 +26,14 @@ def layer_table(model: nn.Module, size: int = CROP) -> tuple[list[dict[str, Any]
         def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             nonlocal flops
             if isinstance(module, nn.Conv2d):
-                flops += 2 * output.numel() * module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+                flops += (
+                    2
+                    * output.numel()
+                    * module.in_channels
+                    // module.groups
+                    * module.kernel_size[0]
+                    * module.kernel_size[1]
+                )
             elif isinstance(module, nn.Linear):
                 flops += 2 * module.in_features * module.out_features * output.shape[0]
             shape = tuple(output.shape) if isinstance(output, torch.Tensor) else ()

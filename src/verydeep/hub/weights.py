@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from verydeep import configs
-from verydeep.hub.download import download, verify
 from verydeep.errors import WeightsError
+from verydeep.hub.download import download, verify
 from verydeep.models.vgg import IMAGENET, VGG
 
 #: Metadata key that marks files written by verydeep.
@@ -48,12 +48,22 @@ class Entry:
 _VGG_SITE = "http://www.robots.ox.ac.uk/~vgg/software/very_deep/caffe/"
 REGISTRY: dict[str, Entry] = {
     "vgg16": Entry(
-        "vgg16", "D", "VGG_ILSVRC_16_layers.caffemodel", _VGG_SITE + "VGG_ILSVRC_16_layers.caffemodel",
-        553_432_081, "441315b0ff6932dbfde97731be7ca852", "VGG-16 (config D), ILSVRC-2014, Caffe model zoo",
+        "vgg16",
+        "D",
+        "VGG_ILSVRC_16_layers.caffemodel",
+        _VGG_SITE + "VGG_ILSVRC_16_layers.caffemodel",
+        553_432_081,
+        "441315b0ff6932dbfde97731be7ca852",
+        "VGG-16 (config D), ILSVRC-2014, Caffe model zoo",
     ),
     "vgg19": Entry(
-        "vgg19", "E", "VGG_ILSVRC_19_layers.caffemodel", _VGG_SITE + "VGG_ILSVRC_19_layers.caffemodel",
-        574_671_192, "b5c644beabd7cf06bdd9065cfd674c97", "VGG-19 (config E), ILSVRC-2014, Caffe model zoo",
+        "vgg19",
+        "E",
+        "VGG_ILSVRC_19_layers.caffemodel",
+        _VGG_SITE + "VGG_ILSVRC_19_layers.caffemodel",
+        574_671_192,
+        "b5c644beabd7cf06bdd9065cfd674c97",
+        "VGG-19 (config E), ILSVRC-2014, Caffe model zoo",
     ),
 }
 
@@ -253,7 +263,9 @@ def load_caffemodel(path: str | os.PathLike, prototxt: str | os.PathLike | None 
         return model
     graph_net = net if net is not None else cm.net
     if not graph_net.layer:
-        raise WeightsError(f"{path}: not a known VGG and the file holds no net definition; pass --prototxt deploy.prototxt")
+        raise WeightsError(
+            f"{path}: not a known VGG and the file holds no net definition; pass --prototxt deploy.prototxt"
+        )
     graph = CaffeGraph(graph_net, source=str(prototxt or path))
     graph.load_blobs(cm.blobs, origin=origin)
     return graph
@@ -313,7 +325,9 @@ def load_safetensors(path: str | os.PathLike) -> nn.Module:
     else:
         spec = vgg_spec_from_shapes({k: tuple(v.shape) for k, v in state.items()})
         if spec is None:
-            raise WeightsError(f"{path}: parameters do not form a Table 1 VGG in Caffe names (conv1_1.weight ... fc8.bias)")
+            raise WeightsError(
+                f"{path}: parameters do not form a Table 1 VGG in Caffe names (conv1_1.weight ... fc8.bias)"
+            )
         names = _default_names(spec["num_classes"])
     model = build_vgg(spec, class_names=names)
     model.load_state_dict(state_from_arrays(state, model, str(path)), strict=True, assign=True)
@@ -337,4 +351,3 @@ def describe_registry() -> list[dict[str, Any]]:
             }
         )
     return rows
-

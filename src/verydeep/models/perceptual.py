@@ -17,8 +17,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from verydeep.errors import VerydeepError
 from verydeep.data.preprocess import to_caffe
+from verydeep.errors import VerydeepError
 
 #: The taps of Johnson et al.'s perceptual losses (feature and style), by Caffe name.
 DEFAULT_TAPS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3")
@@ -71,7 +71,7 @@ class PerceptualLoss(nn.Module):
         if unknown:
             raise VerydeepError(f"PerceptualLoss: unknown tap {unknown[0]!r}; layers: {', '.join(model.layer_names)}")
 
-    def train(self, mode: bool = True) -> "PerceptualLoss":
+    def train(self, mode: bool = True) -> PerceptualLoss:
         super().train(mode)
         self.model.eval()  # the loss network stays in eval mode (no dropout) whatever the caller does
         return self

@@ -151,7 +151,7 @@ class VGG(nn.Module):
         _, out = self._run(x, None if last == "prob" else last, set(taps))
         return {t: out[t] for t in taps}
 
-    def dense(self) -> "DenseVGG":
+    def dense(self) -> DenseVGG:
         """The fully convolutional view (fc6 as 7x7 conv, fc7/fc8 as 1x1) sharing parameters."""
         return DenseVGG(self)
 

@@ -195,7 +195,9 @@ def make_plan(
             why = "no AMX/avx512_bf16" if precision == "bf16" else "no AMX-FP16"
             if dev.type != "cpu":
                 why = f"{dev.type} has no fast {precision}"
-            notes.append(f"{precision} is not native on this {dev.type} ({why}): computing in fp32, faster here and exact")
+            notes.append(
+                f"{precision} is not native on this {dev.type} ({why}): computing in fp32, faster here and exact"
+            )
         else:
             notes.append(f"{precision} is not native on this {dev.type}: emulated, slower than fp32")
     conv = linear = "aten"
@@ -215,7 +217,12 @@ def make_plan(
             blocking = 0
     pad_channels, relu_after_pool = 0, False
     if dev.type == "cuda" and not compile:
-        conv, pool, pad_channels, relu_after_pool = CUDA_PLAN["conv"], CUDA_PLAN["pool"], CUDA_PLAN["pad_channels"], CUDA_PLAN["relu_after_pool"]
+        conv, pool, pad_channels, relu_after_pool = (
+            CUDA_PLAN["conv"],
+            CUDA_PLAN["pool"],
+            CUDA_PLAN["pad_channels"],
+            CUDA_PLAN["relu_after_pool"],
+        )
         if conv == "cudnn-relu" and not hasattr(torch, "cudnn_convolution_relu"):
             conv = "aten"
         if pool == "compiled" and not hasattr(torch, "compile"):
@@ -520,8 +527,14 @@ class FastVGG(nn.Module):
         fmt = torch.channels_last if self.plan.channels_last else torch.contiguous_format
         return y.to(x.dtype).contiguous(memory_format=fmt)
 
-    def _run(self, x: torch.Tensor, start: int, stop: int, taps: dict[str, torch.Tensor] | None = None,
-             want: set[str] | None = None) -> torch.Tensor:
+    def _run(
+        self,
+        x: torch.Tensor,
+        start: int,
+        stop: int,
+        taps: dict[str, torch.Tensor] | None = None,
+        want: set[str] | None = None,
+    ) -> torch.Tensor:
         """conv/pool/LRN steps ``[start, stop)``; with ``want``, records those layers in ``taps``."""
         relu_pending = False  # a ReLU moved after the pool that follows it
         for s in self._conv_steps[start:stop]:
@@ -530,8 +543,12 @@ class FastVGG(nn.Module):
                     x = self._conv(s, x, relu=False)
                     taps[s.name] = x  # type: ignore[index]
                     x = F.relu(x)
-                elif (self.plan.relu_after_pool and s.pool_next and not (want and want & set(s.after))
-                      and self._conv_steps.index(s) + 1 < stop):
+                elif (
+                    self.plan.relu_after_pool
+                    and s.pool_next
+                    and not (want and want & set(s.after))
+                    and self._conv_steps.index(s) + 1 < stop
+                ):
                     x = self._conv(s, x, relu=False)
                     relu_pending = True
                 else:
@@ -614,7 +631,7 @@ class FastVGG(nn.Module):
         with torch.inference_mode(), self._context():
             return self._dense(self._enter(x))
 
-    def dense(self) -> "FastDenseVGG":
+    def dense(self) -> FastDenseVGG:
         """The fully convolutional view, executed by the same plan (shares the weights)."""
         return FastDenseVGG(self)
 
@@ -697,8 +714,9 @@ class _PlainNet(nn.Module):
         for spec in self.specs:
             layer = getattr(model, spec.name)
             if spec.kind == "conv":
-                new: nn.Module = nn.Conv2d(spec.in_channels, spec.out_channels, spec.kernel,
-                                           padding=spec.kernel // 2, device="meta")
+                new: nn.Module = nn.Conv2d(
+                    spec.in_channels, spec.out_channels, spec.kernel, padding=spec.kernel // 2, device="meta"
+                )
                 new.weight = nn.Parameter(layer.weight.detach().to(device, dtype).contiguous(memory_format=fmt), False)
             elif spec.kind == "fc":
                 new = nn.Linear(spec.in_channels, spec.out_channels, device="meta")
@@ -852,5 +870,7 @@ def optimize(
     dev = torch.device(device) if device is not None else _model_device(model)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
-    plan = make_plan(precision, dev, compile=compile, cuda_graphs=cuda_graphs, fallback=fallback, cache_bytes=cache_bytes)
+    plan = make_plan(
+        precision, dev, compile=compile, cuda_graphs=cuda_graphs, fallback=fallback, cache_bytes=cache_bytes
+    )
     return FastVGG(model, plan, cache_dir=cache_dir)

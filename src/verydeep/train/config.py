@@ -92,7 +92,7 @@ class TrainConfig:
         lo, hi = self.scale_range
         return (lo + hi) // 2
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Raise :class:`VerydeepError` naming the option for values that cannot work."""
         if not 1 <= len(self.scale) <= 2:
             raise VerydeepError(f"scale: expected S or S_min S_max, found {self.scale}")
@@ -105,8 +105,15 @@ class TrainConfig:
                 f"which crops of {MIN_CROP}..{CROP} give (the paper: {CROP})"
             )
         if lo < self.crop or self.test_scale < self.crop:
-            raise VerydeepError(f"scale: S and Q must be at least the crop size {self.crop}, found S={lo} Q={self.test_scale}")
-        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "crop": self.crop, "log_every": self.log_every}
+            raise VerydeepError(
+                f"scale: S and Q must be at least the crop size {self.crop}, found S={lo} Q={self.test_scale}"
+            )
+        positive = {
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "crop": self.crop,
+            "log_every": self.log_every,
+        }
         for name, value in positive.items():
             if value < 1:
                 raise VerydeepError(f"{name}: expected a positive integer, found {value}")

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from verydeep.errors import VerydeepError
-from verydeep.train.initialization import copy_layers, initialize, param_layers
 from verydeep.models.vgg import VGG
+from verydeep.train.initialization import copy_layers, initialize, param_layers
 
 
 def fine_tune_model(

@@ -90,7 +90,8 @@ def init_from(
 
 def table_rows(model: VGG, origins: dict[str, str], default: str) -> list[InitRow]:
     return [
-        InitRow(name, _fmt(getattr(model, name).weight.shape), origins.get(name, default)) for name in param_layers(model)
+        InitRow(name, _fmt(getattr(model, name).weight.shape), origins.get(name, default))
+        for name in param_layers(model)
     ]
 
 

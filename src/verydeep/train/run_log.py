@@ -51,7 +51,9 @@ def _number(text: str) -> float | int:
 class MetricsLog:
     """Appends records to RUN_DIR/metrics.{jsonl,csv} (flushed each time) and TensorBoard."""
 
-    def __init__(self, run_dir: str | os.PathLike, fmt: str = "jsonl", tensorboard: bool = True, resume_step: int | None = None):
+    def __init__(
+        self, run_dir: str | os.PathLike, fmt: str = "jsonl", tensorboard: bool = True, resume_step: int | None = None
+    ):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / FILES[fmt]
         self.fmt = fmt

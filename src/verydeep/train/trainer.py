@@ -33,18 +33,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from verydeep.train import checkpoint
-from verydeep.core import distributed
-from verydeep.train import config as tc
-from verydeep.data.augment import TrainTransform, ValTransform, to_input
 from verydeep.configs import LRN_DEFAULTS
-from verydeep.errors import VerydeepError
-from verydeep.train.finetune import fine_tune_model, freeze, frozen_layers, param_groups
-from verydeep.train.initialization import format_rows, init_from, initialize, table_rows
-from verydeep.train.run_log import MetricsLog
-from verydeep.models.vgg import VGG
-from verydeep.train.schedule import Plateau, apply_lr
-from verydeep.train.config import TrainConfig
+from verydeep.core import distributed
+from verydeep.data.augment import TrainTransform, ValTransform, to_input
 from verydeep.data.training import (
     ImageFolder,
     LabelledImages,
@@ -56,6 +47,15 @@ from verydeep.data.training import (
     steps_per_epoch,
     val_batches,
 )
+from verydeep.errors import VerydeepError
+from verydeep.models.vgg import VGG
+from verydeep.train import checkpoint
+from verydeep.train import config as tc
+from verydeep.train.config import TrainConfig
+from verydeep.train.finetune import fine_tune_model, freeze, frozen_layers, param_groups
+from verydeep.train.initialization import format_rows, init_from, initialize, table_rows
+from verydeep.train.run_log import MetricsLog
+from verydeep.train.schedule import Plateau, apply_lr
 
 PRECISION = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHTS_FILE = "model.safetensors"
@@ -164,14 +164,21 @@ class Trainer:
 
         # model, optimiser, schedule
         self.model = self._build_model(latest)
-        self.cfg = tc.merge({"arch": self.model.config, "width": self.model.width, "num_classes": self.model.num_classes}, base=self.cfg)
+        self.cfg = tc.merge(
+            {"arch": self.model.config, "width": self.model.width, "num_classes": self.model.num_classes}, base=self.cfg
+        )
         self.frozen = frozen_layers(self.model, config.freeze_through)
         freeze(self.model, self.frozen)
         self.model.drop6.p = self.model.drop7.p = config.dropout
-        self.channels_last = config.channels_last == "on" or (config.channels_last == "auto" and self.device.type == "cuda")
+        self.channels_last = config.channels_last == "on" or (
+            config.channels_last == "auto" and self.device.type == "cuda"
+        )
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         self.optimizer = torch.optim.SGD(
-            param_groups(self.model, config.lr_mult), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+            param_groups(self.model, config.lr_mult),
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.plateau = Plateau(config.lr_factor, config.plateau_patience, config.max_lr_drops, config.plateau_threshold)
@@ -198,7 +205,12 @@ class Trainer:
 
         if self.ctx.is_main:
             tc.save_toml(self.cfg, self.run_dir / "config.toml")
-            self.metrics = MetricsLog(self.run_dir, config.metrics_format, config.tensorboard, resume_step=self.global_step if latest else None)
+            self.metrics = MetricsLog(
+                self.run_dir,
+                config.metrics_format,
+                config.tensorboard,
+                resume_step=self.global_step if latest else None,
+            )
         distributed.barrier(self.ctx)
 
     # -- set-up helpers ----------------------------------------------------------------------
@@ -271,9 +283,13 @@ class Trainer:
 
             source = load(cfg.weights, cfg.prototxt)
             for name in ("arch", "width"):
-                if name in self._explicit and getattr(cfg, name) != getattr(source, "config" if name == "arch" else name, None):
+                if name in self._explicit and getattr(cfg, name) != getattr(
+                    source, "config" if name == "arch" else name, None
+                ):
                     found = source.config if name == "arch" else source.width
-                    raise VerydeepError(f"{cfg.weights}: {name} is {found!r}, but {name} {getattr(cfg, name)!r} was asked for")
+                    raise VerydeepError(
+                        f"{cfg.weights}: {name} is {found!r}, but {name} {getattr(cfg, name)!r} was asked for"
+                    )
             model, report = fine_tune_model(source, classes, cfg.weights, cfg.init, cfg.init_std)
             self.say(report)
             rows = table_rows(model, {}, f"copied from {cfg.weights}")
@@ -319,7 +335,9 @@ class Trainer:
                 "the run continues but will not repeat an uninterrupted one"
             )
         self.resumed_from = str(path)
-        self.say(f"resumed from {path}: epoch {self.epoch + 1}, {self.step_in_epoch} of {self.steps_per_epoch} steps done")
+        self.say(
+            f"resumed from {path}: epoch {self.epoch + 1}, {self.step_in_epoch} of {self.steps_per_epoch} steps done"
+        )
 
     # -- the run -----------------------------------------------------------------------------
     @property
@@ -367,14 +385,20 @@ class Trainer:
         if self.frozen:
             self.say(f"frozen: {', '.join(self.frozen)}")
         if self.val_set is None:
-            self.say(f"note: no --val; the learning rate stays at {cfg.lr * self.plateau.scale:g} (it drops only on a validation plateau)")
+            self.say(
+                f"note: no --val; the learning rate stays at {cfg.lr * self.plateau.scale:g} (it drops only on a validation plateau)"
+            )
 
     def _train_epoch(self) -> bool:
         """Steps ``step_in_epoch..`` of ``epoch``; False if max_steps stopped it early."""
         cfg = self.cfg
         transform = TrainTransform(cfg.scale_range, cfg.crop, cfg.flip, cfg.lighting_std, cfg.seed)
-        batches = micro_batches(self.n_train, cfg.batch_size, self.micro, self.ctx, cfg.seed, self.epoch, self.step_in_epoch)
-        loader = make_loader(LabelledImages(self.train_set, transform), batches, cfg.crop, self.workers, self.device.type == "cuda")
+        batches = micro_batches(
+            self.n_train, cfg.batch_size, self.micro, self.ctx, cfg.seed, self.epoch, self.step_in_epoch
+        )
+        loader = make_loader(
+            LabelledImages(self.train_set, transform), batches, cfg.crop, self.workers, self.device.type == "cuda"
+        )
         self.net.train()
         # Times are wall-clock between points where the device has finished its queued work
         # (a log waits for the loss sums), so CUDA's asynchrony cannot inflate images/s;
@@ -425,13 +449,23 @@ class Trainer:
             with ctx:
                 with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
                     if len(batch):
-                        x = to_input(batch.crops.to(self.device, non_blocking=True), batch.shifts.to(self.device, non_blocking=True), self.channels_last)
+                        x = to_input(
+                            batch.crops.to(self.device, non_blocking=True),
+                            batch.shifts.to(self.device, non_blocking=True),
+                            self.channels_last,
+                        )
                         labels = batch.labels.to(self.device, non_blocking=True)
                         logits = self.net(x)
                         loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
                         with torch.no_grad():
                             correct = (logits.argmax(1) == labels).sum()
-                            self.window += torch.stack([loss_sum.detach().double(), correct.double(), torch.tensor(float(len(batch)), dtype=torch.float64, device=self.device)])
+                            self.window += torch.stack(
+                                [
+                                    loss_sum.detach().double(),
+                                    correct.double(),
+                                    torch.tensor(float(len(batch)), dtype=torch.float64, device=self.device),
+                                ]
+                            )
                         loss = loss_sum * scale
                     else:  # every image of this micro-batch was unreadable: a zero-gradient pass keeps DDP in step
                         x = torch.zeros(1, 3, cfg.crop, cfg.crop, device=self.device)
@@ -490,7 +524,13 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.write(record)
         if self.bar is not None and n:
-            self.bar.set_postfix(epoch=self.epoch + 1, loss=f"{loss / n:.4f}", lr=f"{self.lr:.2g}", img_s=f"{n / seconds:.0f}", refresh=False)
+            self.bar.set_postfix(
+                epoch=self.epoch + 1,
+                loss=f"{loss / n:.4f}",
+                lr=f"{self.lr:.2g}",
+                img_s=f"{n / seconds:.0f}",
+                refresh=False,
+            )
 
     def _end_of_epoch(self) -> None:
         self.epoch += 1
@@ -501,7 +541,9 @@ class Trainer:
             self._log_val()
             if dropped:
                 apply_lr(self.optimizer, self.lr)
-                self.say(f"epoch {self.epoch}: validation top-1 stopped improving; learning rate now {self.lr:g} (drop {self.plateau.drops} of {self.plateau.max_drops})")
+                self.say(
+                    f"epoch {self.epoch}: validation top-1 stopped improving; learning rate now {self.lr:g} (drop {self.plateau.drops} of {self.plateau.max_drops})"
+                )
         self._save_checkpoint()
 
     def _log_val(self) -> None:
@@ -510,7 +552,9 @@ class Trainer:
                   "elapsed_s": round(self.elapsed_before + time.perf_counter() - self.t0, 3)}  # fmt: skip
         if self.metrics is not None:
             self.metrics.write(record)
-        self.say(f"epoch {record['epoch']:g}: val loss {v['loss']:.4f}  top-1 {100 * v['top1']:.2f}%  top-5 {100 * v['top5']:.2f}%  ({int(v['images'])} images)")
+        self.say(
+            f"epoch {record['epoch']:g}: val loss {v['loss']:.4f}  top-1 {100 * v['top1']:.2f}%  top-5 {100 * v['top5']:.2f}%  ({int(v['images'])} images)"
+        )
 
     @torch.no_grad()
     def _validate(self) -> dict[str, float]:
@@ -518,7 +562,13 @@ class Trainer:
         cfg, model = self.cfg, self.model
         dtype = PRECISION[cfg.precision]
         dataset = LabelledImages(self.val_set, ValTransform(cfg.test_scale, cfg.crop))
-        loader = make_loader(dataset, val_batches(len(self.val_set), self.micro, self.ctx), cfg.crop, self.workers, self.device.type == "cuda")
+        loader = make_loader(
+            dataset,
+            val_batches(len(self.val_set), self.micro, self.ctx),
+            cfg.crop,
+            self.workers,
+            self.device.type == "cuda",
+        )
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top1, top5, n
         k = min(5, model.num_classes)
         model.eval()
@@ -589,7 +639,9 @@ class Trainer:
             from verydeep.hub.weights import save_safetensors
 
             self.model.class_names = list(self.train_set.classes)
-            save_safetensors(self.model, weights, trained_by="verydeep train", epochs=self.epoch, steps=self.global_step)
+            save_safetensors(
+                self.model, weights, trained_by="verydeep train", epochs=self.epoch, steps=self.global_step
+            )
             self._write_skipped()
             if self.skipped:
                 self.say(f"{len(self.skipped)} unreadable image(s) skipped; listed in {self.run_dir / 'skipped.txt'}")

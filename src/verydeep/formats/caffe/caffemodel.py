@@ -224,8 +224,7 @@ class _Reader:
             where = self._peek_layer(pos) or where
         raise CaffeFormatError(
             f"{self.path}: truncated: {where} at byte {pos} needs {needed - pos} bytes but the file ends at "
-            f"byte {self.size} (incomplete download?)"
-            + self._looks_like()
+            f"byte {self.size} (incomplete download?)" + self._looks_like()
         )
 
     def _peek_layer(self, pos: int) -> str | None:

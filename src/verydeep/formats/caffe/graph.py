@@ -82,7 +82,7 @@ class InnerProduct(_Layer):
         super().__init__()
         p = layer.inner_product_param
         self.axis, self.transpose, self.outputs = p.axis % len(bottoms[0]), p.transpose, p.num_output
-        inputs = math.prod(bottoms[0][self.axis:])
+        inputs = math.prod(bottoms[0][self.axis :])
         shape = (inputs, p.num_output) if p.transpose else (p.num_output, inputs)
         self.weight = nn.Parameter(torch.zeros(shape))
         self.bias = nn.Parameter(torch.zeros(p.num_output)) if p.bias_term else None
@@ -241,7 +241,7 @@ class Flatten(_Layer):
     def shapes(self, bottoms: list[Shape]) -> list[Shape]:
         shape = bottoms[0]
         a, e = self.axis % len(shape), self.end_axis % len(shape)
-        return [(*shape[:a], math.prod(shape[a: e + 1]), *shape[e + 1:])]
+        return [(*shape[:a], math.prod(shape[a : e + 1]), *shape[e + 1 :])]
 
 
 def _build(layer: pb.LayerParameter, bottoms: list[Shape]) -> _Layer:
@@ -251,8 +251,15 @@ def _build(layer: pb.LayerParameter, bottoms: list[Shape]) -> _Layer:
         return InnerProduct(layer, bottoms)
     if layer.type == "Eltwise":
         return Eltwise(layer, bottoms)
-    simple = {"Pooling": Pooling, "LRN": LRN, "ReLU": ReLU, "Dropout": Dropout, "Softmax": Softmax,
-              "Concat": Concat, "Flatten": Flatten}
+    simple = {
+        "Pooling": Pooling,
+        "LRN": LRN,
+        "ReLU": ReLU,
+        "Dropout": Dropout,
+        "Softmax": Softmax,
+        "Concat": Concat,
+        "Flatten": Flatten,
+    }
     return simple[layer.type](layer)
 
 
@@ -364,8 +371,11 @@ class CaffeGraph(nn.Module):
 
     def meta(self) -> dict[str, Any]:
         """What :meth:`from_saved` needs besides the state dict (JSON-serialisable)."""
-        return {"kind": "caffe-graph", "prototxt": format_prototxt(self.net),
-                "input_shapes": {k: list(self.blob_shapes[k]) for k in self.inputs}}
+        return {
+            "kind": "caffe-graph",
+            "prototxt": format_prototxt(self.net),
+            "input_shapes": {k: list(self.blob_shapes[k]) for k in self.inputs},
+        }
 
     @classmethod
     def from_saved(cls, meta: Mapping[str, Any], state: Mapping[str, Tensor], source: str = "<saved>") -> CaffeGraph:

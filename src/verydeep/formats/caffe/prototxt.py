@@ -26,23 +26,62 @@ LayerParameter = pb.LayerParameter
 
 #: V1 enum name -> V2 type string (Caffe's UpgradeV1LayerType).
 V1_TO_V2: dict[str, str] = {
-    "NONE": "", "ABSVAL": "AbsVal", "ACCURACY": "Accuracy", "ARGMAX": "ArgMax", "BNLL": "BNLL",
-    "CONCAT": "Concat", "CONTRASTIVE_LOSS": "ContrastiveLoss", "CONVOLUTION": "Convolution",
-    "DATA": "Data", "DECONVOLUTION": "Deconvolution", "DROPOUT": "Dropout", "DUMMY_DATA": "DummyData",
-    "EUCLIDEAN_LOSS": "EuclideanLoss", "ELTWISE": "Eltwise", "EXP": "Exp", "FLATTEN": "Flatten",
-    "HDF5_DATA": "HDF5Data", "HDF5_OUTPUT": "HDF5Output", "HINGE_LOSS": "HingeLoss", "IM2COL": "Im2col",
-    "IMAGE_DATA": "ImageData", "INFOGAIN_LOSS": "InfogainLoss", "INNER_PRODUCT": "InnerProduct",
-    "LRN": "LRN", "MEMORY_DATA": "MemoryData", "MULTINOMIAL_LOGISTIC_LOSS": "MultinomialLogisticLoss",
-    "MVN": "MVN", "POOLING": "Pooling", "POWER": "Power", "RELU": "ReLU", "SIGMOID": "Sigmoid",
-    "SIGMOID_CROSS_ENTROPY_LOSS": "SigmoidCrossEntropyLoss", "SILENCE": "Silence", "SOFTMAX": "Softmax",
-    "SOFTMAX_LOSS": "SoftmaxWithLoss", "SPLIT": "Split", "SLICE": "Slice", "TANH": "TanH",
-    "WINDOW_DATA": "WindowData", "THRESHOLD": "Threshold",
+    "NONE": "",
+    "ABSVAL": "AbsVal",
+    "ACCURACY": "Accuracy",
+    "ARGMAX": "ArgMax",
+    "BNLL": "BNLL",
+    "CONCAT": "Concat",
+    "CONTRASTIVE_LOSS": "ContrastiveLoss",
+    "CONVOLUTION": "Convolution",
+    "DATA": "Data",
+    "DECONVOLUTION": "Deconvolution",
+    "DROPOUT": "Dropout",
+    "DUMMY_DATA": "DummyData",
+    "EUCLIDEAN_LOSS": "EuclideanLoss",
+    "ELTWISE": "Eltwise",
+    "EXP": "Exp",
+    "FLATTEN": "Flatten",
+    "HDF5_DATA": "HDF5Data",
+    "HDF5_OUTPUT": "HDF5Output",
+    "HINGE_LOSS": "HingeLoss",
+    "IM2COL": "Im2col",
+    "IMAGE_DATA": "ImageData",
+    "INFOGAIN_LOSS": "InfogainLoss",
+    "INNER_PRODUCT": "InnerProduct",
+    "LRN": "LRN",
+    "MEMORY_DATA": "MemoryData",
+    "MULTINOMIAL_LOGISTIC_LOSS": "MultinomialLogisticLoss",
+    "MVN": "MVN",
+    "POOLING": "Pooling",
+    "POWER": "Power",
+    "RELU": "ReLU",
+    "SIGMOID": "Sigmoid",
+    "SIGMOID_CROSS_ENTROPY_LOSS": "SigmoidCrossEntropyLoss",
+    "SILENCE": "Silence",
+    "SOFTMAX": "Softmax",
+    "SOFTMAX_LOSS": "SoftmaxWithLoss",
+    "SPLIT": "Split",
+    "SLICE": "Slice",
+    "TANH": "TanH",
+    "WINDOW_DATA": "WindowData",
+    "THRESHOLD": "Threshold",
 }
 V2_TO_V1: dict[str, str] = {v: k for k, v in V1_TO_V2.items() if v}
 
 #: Layer types a deploy net may use (see :mod:`verydeep.formats.caffe.graph`).
-COMPUTE_TYPES = ("Convolution", "ReLU", "Pooling", "LRN", "InnerProduct", "Dropout", "Softmax",
-                 "Concat", "Eltwise", "Flatten")
+COMPUTE_TYPES = (
+    "Convolution",
+    "ReLU",
+    "Pooling",
+    "LRN",
+    "InnerProduct",
+    "Dropout",
+    "Softmax",
+    "Concat",
+    "Eltwise",
+    "Flatten",
+)
 #: Layers that only feed data in; at deploy their first top is an input of the net.
 INPUT_TYPES = ("Input", "Data", "ImageData", "DummyData", "MemoryData", "HDF5Data", "WindowData")
 SUPPORTED_TYPES = COMPUTE_TYPES + INPUT_TYPES
@@ -117,7 +156,7 @@ def upgrade(net: NetParameter, source: str = "<net>") -> NetParameter:
             )
         out.ClearField("input_dim")
         for i in range(len(net.input)):
-            out.input_shape.add().dim.extend(net.input_dim[4 * i: 4 * i + 4])
+            out.input_shape.add().dim.extend(net.input_dim[4 * i : 4 * i + 4])
     for v1 in net.layers:
         out.layer.append(_upgrade_layer(v1))
     return out
@@ -432,29 +471,42 @@ def _fits(layer: LayerParameter, spec: configs.LayerSpec, dense: bool) -> bool:
         pad = k // 2 if spec.kind == "conv" else 0
         geometry = conv_geometry(p)
         return (
-            layer.type == "Convolution" and layer.name == spec.name and p.num_output == spec.out_channels
+            layer.type == "Convolution"
+            and layer.name == spec.name
+            and p.num_output == spec.out_channels
             and geometry == {"kernel": (k, k), "stride": (1, 1), "pad": (pad, pad), "dilation": (1, 1)}
-            and p.group == 1 and p.bias_term and p.axis == 1
+            and p.group == 1
+            and p.bias_term
+            and p.axis == 1
         )
     if spec.kind == "fc":
         p = layer.inner_product_param
         return (
-            layer.type == "InnerProduct" and layer.name == spec.name and p.num_output == spec.out_channels
-            and p.bias_term and p.axis == 1 and not p.transpose
+            layer.type == "InnerProduct"
+            and layer.name == spec.name
+            and p.num_output == spec.out_channels
+            and p.bias_term
+            and p.axis == 1
+            and not p.transpose
         )
     if spec.kind == "relu":
         return layer.type == "ReLU" and layer.relu_param.negative_slope == 0
     if spec.kind == "pool":
         p = layer.pooling_param
         return (
-            layer.type == "Pooling" and p.pool == pb.PoolingParameter.MAX and not p.global_pooling
+            layer.type == "Pooling"
+            and p.pool == pb.PoolingParameter.MAX
+            and not p.global_pooling
             and pool_geometry(p) == {"kernel": (2, 2), "stride": (2, 2), "pad": (0, 0)}
             and p.round_mode == pb.PoolingParameter.CEIL
         )
     if spec.kind == "lrn":
         p, lrn = layer.lrn_param, configs.LRN_DEFAULTS
         return (
-            layer.type == "LRN" and p.local_size == lrn["size"] and abs(p.alpha - lrn["alpha"]) < 1e-9
-            and p.beta == lrn["beta"] and p.norm_region == pb.LRNParameter.ACROSS_CHANNELS
+            layer.type == "LRN"
+            and p.local_size == lrn["size"]
+            and abs(p.alpha - lrn["alpha"]) < 1e-9
+            and p.beta == lrn["beta"]
+            and p.norm_region == pb.LRNParameter.ACROSS_CHANNELS
         )
     return False
