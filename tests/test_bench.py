@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_vgg
+from helpers import random_vgg
 
 from verydeep import configs
 from verydeep.bench.run import dense_flops, format_report, random_model, run_bench, torchvision_twin

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import random_vgg
+from helpers import random_vgg
 
 import verydeep
 from verydeep.cli import main

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import photo
+from helpers import photo
 
 from verydeep.data.eval_set import (
     check_labels,

@@ -4,55 +4,12 @@ md5 mismatch rejected, nothing half-written left under the final name, offline e
 from __future__ import annotations
 
 import hashlib
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from helpers import Server
 
 from verydeep.errors import WeightsError
 from verydeep.hub.download import download
-
-
-class Server:
-    """Serves ``files`` with Range support; ``cut_after`` bytes ends a response early."""
-
-    def __init__(self, files: dict[str, bytes]):
-        self.files = files
-        self.cut_after: int | None = None
-        self.ranges: list[str | None] = []
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                body = owner.files.get(self.path.lstrip("/"))
-                if body is None:
-                    self.send_error(404)
-                    return
-                rng = self.headers.get("Range")
-                owner.ranges.append(rng)
-                start = int(rng.split("=")[1].rstrip("-")) if rng else 0
-                self.send_response(206 if rng else 200)
-                self.send_header("Content-Length", str(len(body) - start))
-                if rng:
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                self.end_headers()
-                payload = body[start:]
-                if owner.cut_after is not None:
-                    payload = payload[: owner.cut_after]
-                    owner.cut_after = None
-                self.wfile.write(payload)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture

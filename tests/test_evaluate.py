@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import photo, random_vgg
+from helpers import photo, random_vgg
 from PIL import Image
 
 from verydeep.cli import main

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import photo
+from helpers import photo
 
 from verydeep.cli import main
 from verydeep.evaluate.protocols import EXIT_AFTER_ENV

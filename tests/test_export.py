@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import random_vgg
+from helpers import random_vgg, rel
 
 from verydeep.cli import main
 from verydeep.data.preprocess import MEAN_BGR
@@ -21,12 +20,6 @@ from verydeep.formats.export import export, probe
 from verydeep.formats.importers import TORCHVISION_MEAN, TORCHVISION_STD, torchvision_model
 
 TOL = 1e-4
-
-
-def rel(found, expected) -> float:
-    found, expected = np.asarray(found, np.float64), np.asarray(expected, np.float64)
-    assert found.shape == expected.shape
-    return float(np.abs(found - expected).max() / np.abs(expected).max())
 
 
 def caffe_batch(n: int, h: int = 224, w: int = 224, seed: int = 7) -> torch.Tensor:

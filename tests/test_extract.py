@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import photo, random_vgg
+from helpers import photo, random_vgg
 
 from verydeep.cli import main
 from verydeep.core.distributed import Context

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import random_vgg
+from helpers import random_vgg, rel
 
 import verydeep
 from verydeep.data.preprocess import MEAN_BGR
@@ -31,11 +31,6 @@ from verydeep.formats.importers import (
 )
 
 WIDTH = 1 / 16
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def rgb01_batch(n: int = 2, size: int = 224, seed: int = 0) -> torch.Tensor:

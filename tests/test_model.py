@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_vgg
+from helpers import random_vgg
 
 from verydeep import VGG, configs
 

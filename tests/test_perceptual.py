@@ -9,7 +9,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import random_vgg
+from helpers import random_vgg
 
 import verydeep
 from verydeep import VerydeepError

@@ -10,8 +10,7 @@ import hashlib
 import numpy as np
 import pytest
 import torch
-from conftest import random_vgg
-from test_download import Server
+from helpers import Server, random_vgg
 
 import verydeep
 from verydeep.cli import main

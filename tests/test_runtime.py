@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_vgg
+from helpers import random_vgg, rel
 
 from verydeep.errors import VerydeepError
 from verydeep.runtime.executor import TOLERANCE, FastVGG, make_plan, max_pool_nhwc, native, optimize
@@ -17,11 +17,6 @@ CPU = torch.device("cpu")
 RUNNABLE = ["bf16"] + (
     ["fp16"] if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported() else []
 )
-
-
-def rel(found: torch.Tensor, expected: torch.Tensor) -> float:
-    found, expected = found.double(), expected.double()
-    return float((found - expected).abs().max() / expected.abs().max())
 
 
 def caffe_input(n: int, h: int = 224, w: int = 224, seed: int = 1) -> torch.Tensor:

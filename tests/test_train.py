@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import tomllib
 import torch
+from helpers import CLASSES, make_image_folder, read_jsonl
 from safetensors.torch import load_file
-from test_train_helpers import CLASSES, make_image_folder, read_jsonl
 
 import verydeep
 from verydeep import VGG
@@ -50,8 +50,29 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
 
 def args(data: Path, out: Path, *extra: str, val: Path | None = None) -> list[str]:
     """A ``verydeep train`` command line for a tiny, fast run (options in ``extra`` win)."""
-    base = ["train", "--data", str(data), "--out", str(out), "--arch", "A", "--width", str(TINY), "--scale", "224",
-            "--batch-size", "8", "--epochs", "1", "--workers", "0", "--device", "cpu", "--no-progress", "--no-tensorboard"]  # fmt: skip
+    base = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--arch",
+        "A",
+        "--width",
+        str(TINY),
+        "--scale",
+        "224",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "1",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-tensorboard",
+    ]
     return base + (["--val", str(val)] if val else []) + list(extra)
 
 
@@ -101,8 +122,25 @@ def learned(tmp_path_factory) -> dict:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    code = main(args(train, out, "--width", "0.125", "--lr", "3e-4", "--dropout", "0", "--batch-size", "16",
-                     "--epochs", "7", "--checkpoint-every", "0", val=val))  # fmt: skip
+    code = main(
+        args(
+            train,
+            out,
+            "--width",
+            "0.125",
+            "--lr",
+            "3e-4",
+            "--dropout",
+            "0",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "7",
+            "--checkpoint-every",
+            "0",
+            val=val,
+        )
+    )
     seconds = time.perf_counter() - t0
     torch.set_num_threads(before)
     assert code == 0
@@ -189,8 +227,13 @@ def test_sigkill_during_an_epoch_then_resume_gives_the_same_weights(tiny, tmp_pa
     assert main(args(train, whole, *common, val=val)) == 0
     killed = tmp_path / "killed"
     with open(tmp_path / "killed.log", "w") as log:  # a file, not a pipe: the orphaned worker may linger
-        r = subprocess.run([PY, "-m", "verydeep", *args(train, killed, *common, "--workers", "1", val=val)],
-                           env=env(**{KILL_AT_ENV: "5"}), stdout=log, stderr=subprocess.STDOUT, timeout=300)  # fmt: skip
+        r = subprocess.run(
+            [PY, "-m", "verydeep", *args(train, killed, *common, "--workers", "1", val=val)],
+            env=env(**{KILL_AT_ENV: "5"}),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+        )
     assert r.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
     assert not (killed / "model.safetensors").exists()
     assert sorted(p.name for p in (killed / "checkpoints").glob("step-*.pt"))[-1] == "step-000000004.pt"
@@ -269,8 +312,20 @@ def test_torchrun_two_ranks_match_one_process(tiny, tmp_path):
 
 def _initial_weights(train: Path, out: Path) -> dict[str, torch.Tensor]:
     """The parameters a run starts from (Glorot, seeded by --seed 0), without training."""
-    cfg = prepare_config(None, {"data": str(train), "out": str(out), "arch": "A", "width": TINY, "scale": [224],
-                                "batch_size": 8, "device": "cpu", "tensorboard": False, "progress": False})  # fmt: skip
+    cfg = prepare_config(
+        None,
+        {
+            "data": str(train),
+            "out": str(out),
+            "arch": "A",
+            "width": TINY,
+            "scale": [224],
+            "batch_size": 8,
+            "device": "cpu",
+            "tensorboard": False,
+            "progress": False,
+        },
+    )
     job = Trainer(cfg, log=lambda msg: None)
     state = {k: v.detach().clone() for k, v in job.model.state_dict().items()}
     job.close()
@@ -319,9 +374,21 @@ def test_init_from_a_shallower_net_copies_exactly_the_paper_layers(tiny, tmp_pat
     train, _ = tiny
     a = narrow_net(tmp_path / "A.safetensors", "A", 4, seed=1)
     out = tmp_path / "D"
-    cfg = prepare_config(None, {"data": str(train), "out": str(out), "arch": "D", "width": TINY, "scale": [224],
-                                "init": str(tmp_path / "A.safetensors"), "batch_size": 8, "device": "cpu",
-                                "tensorboard": False, "progress": False})  # fmt: skip
+    cfg = prepare_config(
+        None,
+        {
+            "data": str(train),
+            "out": str(out),
+            "arch": "D",
+            "width": TINY,
+            "scale": [224],
+            "init": str(tmp_path / "A.safetensors"),
+            "batch_size": 8,
+            "device": "cpu",
+            "tensorboard": False,
+            "progress": False,
+        },
+    )
     job = Trainer(cfg, log=print)
     d = job.model
     job.close()
@@ -347,8 +414,24 @@ def test_init_from_a_shallower_net_copies_exactly_the_paper_layers(tiny, tmp_pat
     }
     # Through the CLI, with the layers named explicitly: only those are copied.
     out2 = tmp_path / "D2"
-    assert main(args(train, out2, "--arch", "D", "--init", str(tmp_path / "A.safetensors"), "--init-layers", "conv1_1", "fc8",
-                     "--max-steps", "1")) == 0  # fmt: skip
+    assert (
+        main(
+            args(
+                train,
+                out2,
+                "--arch",
+                "D",
+                "--init",
+                str(tmp_path / "A.safetensors"),
+                "--init-layers",
+                "conv1_1",
+                "fc8",
+                "--max-steps",
+                "1",
+            )
+        )
+        == 0
+    )
     init_txt = (out2 / "init.txt").read_text()
     assert [line.split()[0] for line in init_txt.splitlines() if "copied from" in line] == ["conv1_1", "fc8"]
 
@@ -368,8 +451,17 @@ def source(tmp_path) -> tuple[Path, VGG]:
 
 
 def _finetune_config(train: Path, out: Path, src: Path, **extra) -> dict:
-    return {"data": str(train), "out": str(out), "weights": str(src), "scale": [224], "batch_size": 8,
-            "device": "cpu", "tensorboard": False, "progress": False, **extra}  # fmt: skip
+    return {
+        "data": str(train),
+        "out": str(out),
+        "weights": str(src),
+        "scale": [224],
+        "batch_size": 8,
+        "device": "cpu",
+        "tensorboard": False,
+        "progress": False,
+        **extra,
+    }
 
 
 def test_fine_tuning_replaces_only_fc8_and_says_so(tiny, tmp_path, source, capsys):
@@ -395,10 +487,39 @@ def test_fine_tuned_frozen_layers_do_not_change_and_the_result_classifies(tiny, 
     train, val = tiny
     src_path, src = source
     out = tmp_path / "ft"
-    code = main(["train", "--weights", str(src_path), "--num-classes", "4", "--data", str(train), "--val", str(val),
-                 "--freeze-through", "conv4_1", "--lr-mult", "fc8=10", "--lr", "1e-3", "--scale", "224",
-                 "--batch-size", "8", "--epochs", "1", "--out", str(out), "--workers", "0", "--device", "cpu",
-                 "--no-progress", "--no-tensorboard"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--weights",
+            str(src_path),
+            "--num-classes",
+            "4",
+            "--data",
+            str(train),
+            "--val",
+            str(val),
+            "--freeze-through",
+            "conv4_1",
+            "--lr-mult",
+            "fc8=10",
+            "--lr",
+            "1e-3",
+            "--scale",
+            "224",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--no-tensorboard",
+        ]
+    )
     assert code == 0
     err = capsys.readouterr().err
     assert "fc8: replaced (128 -> 10 classes" in err  # a 1/32-wide net's fc7 has 128 outputs
@@ -421,12 +542,47 @@ def test_fine_tuned_frozen_layers_do_not_change_and_the_result_classifies(tiny, 
     preds = json.loads(capsys.readouterr().out)[0]["predictions"]
     assert sorted(p["label"] for p in preds) == sorted(CLASSES)
     assert abs(sum(p["probability"] for p in preds) - 1) < 1e-5
-    assert main(["evaluate", str(val), "--weights", str(out / "model.safetensors"), "--protocol", "center",
-                 "--device", "cpu", "--workers", "0", "--no-progress", "--json"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "evaluate",
+                str(val),
+                "--weights",
+                str(out / "model.safetensors"),
+                "--protocol",
+                "center",
+                "--device",
+                "cpu",
+                "--workers",
+                "0",
+                "--no-progress",
+                "--json",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     feats = tmp_path / "f.npz"
-    assert main(["extract", str(val), "--layer", "fc7", "--weights", str(out / "model.safetensors"), "-o", str(feats),
-                 "--workers", "0", "--no-progress", "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "extract",
+                str(val),
+                "--layer",
+                "fc7",
+                "--weights",
+                str(out / "model.safetensors"),
+                "-o",
+                str(feats),
+                "--workers",
+                "0",
+                "--no-progress",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     with np.load(feats) as z:
         assert any(z[k].shape == (8, 128) for k in z.files)
 
@@ -440,9 +596,33 @@ def test_lr_mult_scales_that_layers_step(tiny, tmp_path, source):
         ("mult", ["--lr-mult", "fc8=10", "--lr-mult", "fc8.bias=20", "--lr-mult", "conv5_3=0.5"]),
     ):
         out = tmp_path / tag
-        assert main(["train", "--weights", str(src_path), "--data", str(train), "--out", str(out), "--scale", "224",
-                     "--batch-size", "8", "--max-steps", "1", "--workers", "0", "--device", "cpu", "--no-progress",
-                     "--no-tensorboard", *extra]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "train",
+                    "--weights",
+                    str(src_path),
+                    "--data",
+                    str(train),
+                    "--out",
+                    str(out),
+                    "--scale",
+                    "224",
+                    "--batch-size",
+                    "8",
+                    "--max-steps",
+                    "1",
+                    "--workers",
+                    "0",
+                    "--device",
+                    "cpu",
+                    "--no-progress",
+                    "--no-tensorboard",
+                    *extra,
+                ]
+            )
+            == 0
+        )
         runs[tag] = weights(out / "model.safetensors")
     # Both runs start from the same weights (fc8 drawn from the same seed) and see the same batch
     # and dropout masks, so with momentum's first step (v = g + wd*w) each update is lr*mult*v.
@@ -462,8 +642,13 @@ def test_lr_mult_scales_that_layers_step(tiny, tmp_path, source):
     for name, mult in expected.items():
         assert step["plain"][name].abs().max() > 0, name
         # atol: a difference of float32 weights of size <= 1 is exact to ~1e-7 (a few ulps)
-        torch.testing.assert_close(step["mult"][name], mult * step["plain"][name], rtol=1e-4, atol=3e-7 * mult,
-                                   msg=lambda m, n=name: f"{n}: {m}")  # fmt: skip
+        torch.testing.assert_close(
+            step["mult"][name],
+            mult * step["plain"][name],
+            rtol=1e-4,
+            atol=3e-7 * mult,
+            msg=lambda m, n=name: f"{n}: {m}",
+        )
 
 
 # -- 5. schedule, configuration, observability ---------------------------------------------------
@@ -472,8 +657,26 @@ def test_learning_rate_drops_tenfold_on_a_plateau_at_most_three_times(tiny, tmp_
     out = tmp_path / "run"
     # threshold 1.0: after the first validation no epoch counts as an improvement, so with
     # patience 1 each further epoch is a plateau; the paper drops the LR 3 times, then stops.
-    assert main(args(train, out, "--epochs", "6", "--plateau-patience", "1", "--plateau-threshold", "1.0",
-                     "--lr-mult", "fc8=10", "--batch-size", "24", val=val)) == 0  # fmt: skip
+    assert (
+        main(
+            args(
+                train,
+                out,
+                "--epochs",
+                "6",
+                "--plateau-patience",
+                "1",
+                "--plateau-threshold",
+                "1.0",
+                "--lr-mult",
+                "fc8=10",
+                "--batch-size",
+                "24",
+                val=val,
+            )
+        )
+        == 0
+    )
     records = read_jsonl(out / "metrics.jsonl")
     train_lr = [r["lr"] for r in records if r["kind"] == "train"]  # one step per epoch
     np.testing.assert_allclose(train_lr, [1e-2, 1e-2, 1e-3, 1e-4, 1e-5, 1e-5], rtol=1e-9)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_vgg
+from helpers import random_vgg
 from safetensors.torch import save_file
 
 import verydeep

@@ -9,15 +9,21 @@ results in rank order restores the input order.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from verydeep.core.defaults import default_device
+
 
 @dataclass(frozen=True)
 class Context:
+    """This process's place in the job: its rank among ``world_size`` processes."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -51,8 +57,7 @@ def init(device: str | None = None) -> Context:
 
 def device_for(ctx: Context, device: str | None) -> str:
     """The device this rank uses: ``cuda:<local_rank>`` under torchrun on GPUs."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device(device)
     if device == "cuda" and ctx.distributed:
         return f"cuda:{ctx.local_rank}"
     return device
@@ -77,6 +82,23 @@ def gather_objects(obj: Any, ctx: Context) -> list[Any] | None:
 def barrier(ctx: Context) -> None:
     if ctx.distributed:
         dist.barrier()
+
+
+@contextmanager
+def main_rank_first(ctx: Context) -> Iterator[None]:
+    """Run the body on rank 0 first, then on the other ranks.
+
+    For work whose result every rank then reads from disk: fetching and converting weights into
+    the cache, creating an output folder. Without it every rank would download into the same
+    partial file. A single process just runs the body.
+    """
+    if not ctx.is_main:
+        barrier(ctx)
+    try:
+        yield
+    finally:
+        if ctx.is_main:
+            barrier(ctx)
 
 
 def all_reduce_sum(t: torch.Tensor, ctx: Context) -> torch.Tensor:

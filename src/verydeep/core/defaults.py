@@ -1,0 +1,52 @@
+"""The defaults several jobs share, decided in one place: device, loader workers, precisions.
+
+Kept free of a top-level torch import so the command line can build its options quickly.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+#: Numeric precisions a user can ask for, and the torch dtype each computes in.
+PRECISIONS: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+#: Data loader processes never exceed this many per rank (decoding JPEGs scales no further
+#: on the machines measured, and each worker holds a copy of the dataset's file list).
+MAX_WORKERS = 8
+
+
+def dtype_of(precision: str) -> torch.dtype:
+    """The torch dtype of a precision name (``"bf16"`` -> ``torch.bfloat16``)."""
+    import torch
+
+    if precision not in PRECISIONS:
+        from verydeep.errors import VerydeepError
+
+        raise VerydeepError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    return getattr(torch, PRECISIONS[precision])
+
+
+def default_device(device: str | None = None) -> str:
+    """``device`` if given, else ``"cuda"`` where a GPU is visible, else ``"cpu"``."""
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_workers(workers: int | None = None) -> int:
+    """``workers`` if given, else as many loader processes as CPUs, at most :data:`MAX_WORKERS`."""
+    if workers is not None:
+        return max(0, int(workers))
+    return min(MAX_WORKERS, available_cpus())
