@@ -23,7 +23,7 @@ def narrow_vgg() -> VGG:
 
 @pytest.fixture
 def narrow_weights(tmp_path, narrow_vgg) -> str:
-    from verydeep.hub.weights import save_safetensors
+    from verydeep.formats.safetensors import save_safetensors
 
     narrow_vgg.class_names = [f"class{i}" for i in range(narrow_vgg.num_classes)]
     return str(save_safetensors(narrow_vgg, tmp_path / "narrow.safetensors"))

@@ -16,6 +16,7 @@ import torch
 
 import verydeep
 from verydeep import configs
+from verydeep.configs import NetSpec
 from verydeep.errors import CaffeFormatError
 from verydeep.formats.caffe import (
     VGG16_DEPLOY,
@@ -63,7 +64,7 @@ def test_published_v1_prototxt_equals_its_v2_spelling_and_is_vgg16():
     assert read_prototxt(v2_text) == net
     assert read_prototxt(format_prototxt(net, "V1")) == net
     assert net == vgg_net("D", batch=10)  # the builder reproduces the published file exactly
-    assert vgg_spec(net) == {"config": "D", "width": 1.0, "num_classes": 1000, "lrn_k": 1.0, "dense": False}
+    assert vgg_spec(net) == NetSpec("D", num_classes=1000, width=1.0, lrn_k=1.0, dense=False)
     with torch.device("meta"):
         graph = CaffeGraph(net)
     assert sum(p.numel() for p in graph.parameters()) == 138_357_544
@@ -79,7 +80,7 @@ def test_v2_spellings_of_the_input_agree():
     )
     assert layer_text != shape_text
     assert vgg_spec(read_prototxt(layer_text)) == vgg_spec(read_prototxt(shape_text))
-    assert vgg_spec(read_prototxt(shape_text))["config"] == "B"
+    assert vgg_spec(read_prototxt(shape_text)).config == "B"
 
 
 @pytest.mark.parametrize("config", list(configs.TABLE_1))
@@ -92,9 +93,9 @@ def test_every_config_round_trips_through_text(config, dense, tmp_path):
         assert ("layers {" in path.read_text()) == (version == "V1")
         spec = vgg_spec(read_prototxt(path))
         assert spec is not None
-        assert spec["config"] == config and spec["num_classes"] == 7 and spec["dense"] == dense
-        assert configs.layer_specs(config, spec["width"], 7) == configs.layer_specs(config, width, 7)
-        assert spec["lrn_k"] == (2.0 if config == "A-LRN" else 1.0)
+        assert spec.config == config and spec.num_classes == 7 and spec.dense == dense
+        assert configs.layer_specs(config, spec.width, 7) == configs.layer_specs(config, width, 7)
+        assert spec.lrn_k == (2.0 if config == "A-LRN" else 1.0)
 
 
 def test_a_net_that_is_not_table_1_is_not_recognised():

@@ -15,7 +15,7 @@ from helpers import random_vgg
 import verydeep
 from verydeep.cli import main
 from verydeep.formats.caffe import CaffeGraph, read_prototxt, vgg_net, write_caffemodel, write_prototxt
-from verydeep.hub.weights import read_metadata
+from verydeep.formats.safetensors import read_metadata
 
 SMALL_NET = """name: "small"
 input: "data"

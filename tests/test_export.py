@@ -17,7 +17,8 @@ from verydeep.cli import main
 from verydeep.data.preprocess import MEAN_BGR
 from verydeep.errors import VerydeepError
 from verydeep.formats.export import export, probe
-from verydeep.formats.importers import TORCHVISION_MEAN, TORCHVISION_STD, torchvision_model
+from verydeep.formats.input_space import TORCHVISION_MEAN, TORCHVISION_STD
+from verydeep.formats.torchvision import torchvision_model
 
 TOL = 1e-4
 
@@ -145,7 +146,7 @@ def test_caffe_export_read_by_opencv(tmp_path, model, space, dense):
 
 
 def test_safetensors_round_trip_and_refusal(tmp_path, model):
-    from verydeep.hub.weights import load
+    from verydeep.hub.loader import load
 
     report = export(model, tmp_path / "w.safetensors", "safetensors")
     back = load(report.paths[0])

@@ -16,7 +16,8 @@ import verydeep
 from verydeep.cli import main
 from verydeep.errors import WeightsError
 from verydeep.formats.caffe import vgg_net, write_caffemodel
-from verydeep.hub import weights
+from verydeep import hub
+from verydeep.formats.safetensors import read_metadata
 
 
 @pytest.fixture
@@ -32,8 +33,8 @@ def published(tmp_path, monkeypatch):
     path = tmp_path / "VGG_ILSVRC_16_layers.caffemodel"
     write_caffemodel(path, blobs, vgg_net("D", 1 / 16, 1000, batch=10), version="V1")
     body = path.read_bytes()
-    entry = dataclasses.replace(weights.REGISTRY["vgg16"], size=len(body), md5=hashlib.md5(body).hexdigest())
-    monkeypatch.setitem(weights.REGISTRY, "vgg16", entry)
+    entry = dataclasses.replace(hub.REGISTRY["vgg16"], size=len(body), md5=hashlib.md5(body).hexdigest())
+    monkeypatch.setitem(hub.REGISTRY, "vgg16", entry)
     server = Server({entry.filename: body})
     monkeypatch.setenv("VERYDEEP_MIRROR", server.base)
     yield model, body, server
@@ -46,12 +47,12 @@ def test_first_load_downloads_verifies_and_caches(published):
     assert isinstance(loaded, verydeep.VGG) and loaded.config == "D"
     for (name, a), (_, b) in zip(loaded.state_dict().items(), model.state_dict().items()):
         assert torch.equal(a, b), name
-    cached = weights.cached_path("vgg16")
-    meta = weights.read_metadata(cached)
+    cached = hub.cached_path("vgg16")
+    meta = read_metadata(cached)
     assert meta["config"] == "D" and meta["source_sha256"] == hashlib.sha256(body).hexdigest()
     assert meta["input_space"].startswith("caffe-bgr")
     assert meta["class_names"][0] == "tench" and len(meta["class_names"]) == 1000
-    assert not weights.download_path("vgg16").exists()  # one copy kept: the safetensors file
+    assert not hub.download_path("vgg16").exists()  # one copy kept: the safetensors file
     assert not list(cached.parent.rglob("*.part")) and not list(cached.parent.rglob("*.tmp"))
 
     requests = len(server.ranges)
@@ -67,7 +68,7 @@ def test_weights_path_and_download_commands(published, capsys):
     assert main(["weights", "download", "vgg16"]) == 0
     capsys.readouterr()
     assert main(["weights", "path", "vgg16"]) == 0
-    assert capsys.readouterr().out.strip() == str(weights.cached_path("vgg16"))
+    assert capsys.readouterr().out.strip() == str(hub.cached_path("vgg16"))
 
 
 def test_offline_error_says_what_to_download_and_how_to_pass_it(monkeypatch, capsys):
@@ -85,7 +86,7 @@ def test_offline_error_says_what_to_download_and_how_to_pass_it(monkeypatch, cap
 def test_a_file_put_in_downloads_by_hand_is_used(published):
     model, body, server = published
     server.close()
-    target = weights.download_path("vgg16")
+    target = hub.download_path("vgg16")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(body)
     loaded = verydeep.load("vgg16", progress=False)
@@ -95,9 +96,9 @@ def test_a_file_put_in_downloads_by_hand_is_used(published):
 def test_a_wrong_file_put_by_hand_is_rejected(published):
     _, body, server = published
     server.close()
-    target = weights.download_path("vgg16")
+    target = hub.download_path("vgg16")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(body[:-10] + b"0123456789")  # right size, wrong md5
     with pytest.raises(WeightsError, match="md5"):
         verydeep.load("vgg16", progress=False)
-    assert not weights.cached_path("vgg16").exists()
+    assert not hub.cached_path("vgg16").exists()

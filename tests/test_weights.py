@@ -11,8 +11,10 @@ from safetensors.torch import save_file
 
 import verydeep
 from verydeep import configs
+from verydeep.configs import NetSpec
 from verydeep.errors import WeightsError
-from verydeep.hub.weights import read_metadata, save_safetensors, vgg_spec_from_shapes
+from verydeep.formats.safetensors import read_metadata, save_safetensors
+from verydeep.models.build import vgg_spec_from_shapes
 
 
 def test_safetensors_round_trip_keeps_config_names_and_arrays(tmp_path):
@@ -44,7 +46,7 @@ def test_spec_from_shapes_recognises_every_config(config):
     shapes = configs.param_shapes(config, 0.25, 12)
     spec = vgg_spec_from_shapes(shapes)
     expected = "A" if config == "A-LRN" else config  # LRN has no parameters: A and A-LRN look alike
-    assert spec == {"config": expected, "width": 0.25, "num_classes": 12}
+    assert spec == NetSpec(expected, num_classes=12, width=0.25)
 
 
 def test_shape_mismatch_names_file_layer_expected_and_found(tmp_path):

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-Stage = tuple  # of int (conv kernel size) | "LRN"
+#: A stage's layers: an int is a convolution's kernel size, "LRN" local response normalisation.
+Stage = tuple[int | str, ...]
 
 #: Table 1 of Simonyan & Zisserman (arXiv:1409.1556).
 TABLE_1: dict[str, tuple[Stage, ...]] = {
@@ -42,6 +43,37 @@ ALIASES = {"vgg11": "A", "vgg11-lrn": "A-LRN", "vgg13": "B", "vgg16-c": "C", "vg
 #: Caffe's LRN defaults as used by the paper (AlexNet's): size 5, alpha 1e-4, beta 0.75;
 #: k is Caffe's default 1 unless a prototxt says otherwise (the paper cites k=2).
 LRN_DEFAULTS = {"size": 5, "alpha": 1e-4, "beta": 0.75, "k": 1.0}
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """What builds one Table 1 net: the configuration, the classes, the width, LRN's k.
+
+    ``width`` narrows every layer's channels (fc6/fc7 included) for test nets; ``dense`` marks a
+    deploy net whose fc layers are written as convolutions (it changes the Caffe file, not the
+    parameters). A recognised prototxt, caffemodel or state dict comes back as one of these.
+    """
+
+    config: str
+    num_classes: int = 1000
+    width: float = 1.0
+    lrn_k: float = LRN_DEFAULTS["k"]
+    dense: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "config", canonical(self.config))
+        if int(self.num_classes) < 1 or not 0 < float(self.width) <= 1e3:
+            raise ValueError(f"NetSpec: num_classes {self.num_classes} and width {self.width} must be positive")
+        object.__setattr__(self, "num_classes", int(self.num_classes))
+        object.__setattr__(self, "width", float(self.width))
+        object.__setattr__(self, "lrn_k", float(self.lrn_k))
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Parameter name -> shape (Caffe's layout) for this net."""
+        return param_shapes(self.config, self.width, self.num_classes)
+
+    def num_params(self) -> int:
+        return num_params(self.config, self.width, self.num_classes)
 
 
 def canonical(config: str) -> str:
@@ -115,6 +147,7 @@ def param_shapes(config: str, width: float = 1.0, num_classes: int = 1000) -> di
 
 
 def num_params(config: str, width: float = 1.0, num_classes: int = 1000) -> int:
+    """Number of learned parameters (weights and biases) of a Table 1 net."""
     total = 0
     for shape in param_shapes(config, width, num_classes).values():
         n = 1

@@ -7,6 +7,20 @@ import json
 import sys
 from typing import Any
 
+from verydeep.core.defaults import PRECISIONS
+from verydeep.core.defaults import default_device as resolve_device
+from verydeep.core.tables import format_table as table
+
+__all__ = [
+    "add_device_options",
+    "add_json_option",
+    "add_weights_options",
+    "print_json",
+    "print_skipped",
+    "resolve_device",
+    "table",
+]
+
 
 def add_weights_options(p: argparse.ArgumentParser, default: str | None = "vgg16") -> None:
     p.add_argument(
@@ -22,7 +36,7 @@ def add_device_options(p: argparse.ArgumentParser, precision_default: str = "fp3
     p.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1); default: cuda if available")
     p.add_argument(
         "--precision",
-        choices=("fp32", "bf16", "fp16"),
+        choices=tuple(PRECISIONS),
         default=precision_default,
         help="numeric precision (default: %(default)s; fp32 is exact)",
     )
@@ -35,23 +49,6 @@ def add_json_option(p: argparse.ArgumentParser) -> None:
 def print_json(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2)
     sys.stdout.write("\n")
-
-
-def resolve_device(name: str | None) -> str:
-    import torch
-
-    if name:
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def table(rows: list[list[Any]], header: list[str]) -> str:
-    """A plain aligned text table (no dependency for something this small)."""
-    cells = [header] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def print_skipped(items: list[tuple[str, str]], what: str, more: str, limit: int = 20) -> None:

@@ -25,7 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from verydeep.hub.download import file_digest
-    from verydeep.hub.weights import load, save_safetensors
+    from verydeep.hub.loader import load
+    from verydeep.formats.safetensors import save_safetensors
 
     model = load(args.input, args.prototxt)
     save_safetensors(model, args.output, source=str(args.input), source_sha256=file_digest(args.input))

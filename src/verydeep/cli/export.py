@@ -69,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from verydeep.formats.export import FORMATS as WRITERS
     from verydeep.formats.export import export
-    from verydeep.hub.weights import load
+    from verydeep.hub.loader import load
 
     out = args.output or Path(str(args.weights)).stem + ("_dense" if args.dense else "") + WRITERS[args.format][2]
     model = load(args.weights, args.prototxt, device="cpu")

@@ -31,7 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from verydeep.errors import VerydeepError
-    from verydeep.hub.weights import REGISTRY, cached_path, describe_registry, fetch
+    from verydeep.hub.registry import REGISTRY
+    from verydeep.hub.cache import cached_path, describe_registry, fetch
 
     if args.action == "list":
         rows = describe_registry()

@@ -1,1 +1,28 @@
-"""TODO"""
+"""Weights by name: the typed registry of official models, download, the cache, and ``load``.
+
+- :mod:`.registry`: :class:`WeightsEntry` records (file, checksums, net, input space, parameter
+  count, the paper's results with their protocol, licence, source) and :func:`list_weights`.
+- :mod:`.download`: resumable, verified downloads.
+- :mod:`.cache`: :func:`fetch` a registry model once into ``$VERYDEEP_HOME`` as safetensors.
+- :mod:`.loader`: :func:`load` from a name, a file of any supported format, or a URL.
+- :mod:`.info`: :func:`summarize`, what ``verydeep info`` prints about a file.
+
+The file formats themselves live in :mod:`verydeep.formats`; this package decides which one
+to use and where the bytes come from.
+"""
+
+from verydeep.hub.cache import cached_path, download_path, fetch
+from verydeep.hub.loader import load
+from verydeep.hub.registry import REGISTRY, PaperResult, WeightsEntry, get_entry, list_weights
+
+__all__ = [
+    "REGISTRY",
+    "PaperResult",
+    "WeightsEntry",
+    "cached_path",
+    "download_path",
+    "fetch",
+    "get_entry",
+    "list_weights",
+    "load",
+]

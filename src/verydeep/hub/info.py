@@ -12,6 +12,12 @@ from torch import nn
 
 from verydeep.configs import CROP
 from verydeep.errors import VerydeepError
+from verydeep.formats.caffe import CaffeGraph, read_caffemodel, read_prototxt, vgg_spec
+from verydeep.formats.safetensors import read_metadata
+from verydeep.hub.cache import fetch
+from verydeep.hub.loader import load
+from verydeep.hub.registry import REGISTRY
+from verydeep.models.build import build_vgg
 
 PROTOTXT_SUFFIXES = (".prototxt", ".pbtxt", ".txt")
 
@@ -58,16 +64,12 @@ def prototxt_version(text: str) -> str:
     return "V1" if re.search(r"^\s*layers\s*\{", text, re.M) else "V2"
 
 
-def summarize(source: str | os.PathLike, prototxt: str | os.PathLike | None = None) -> dict[str, Any]:
+def summarize(source: str | os.PathLike[str], prototxt: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Describe a weights file, a deploy prototxt or a registry model."""
-    from verydeep.hub.weights import REGISTRY, build_vgg, fetch, load, read_metadata
-
     text = str(source)
     path = Path(text)
     info: dict[str, Any] = {"source": text}
     if path.suffix.lower() in PROTOTXT_SUFFIXES:
-        from verydeep.formats.caffe import CaffeGraph, read_prototxt, vgg_spec
-
         if not path.exists():
             raise VerydeepError(f"{path}: no such file")
         net = read_prototxt(path)
@@ -80,8 +82,6 @@ def summarize(source: str | os.PathLike, prototxt: str | os.PathLike | None = No
         if text in REGISTRY:
             path = fetch(text)
         if path.suffix.lower() == ".caffemodel":
-            from verydeep.formats.caffe import read_caffemodel
-
             info["format"] = f"Caffe binary caffemodel ({read_caffemodel(path).version})"
         elif path.suffix.lower() == ".safetensors":
             meta = read_metadata(path)

@@ -96,7 +96,7 @@ class VGG(nn.Module):
         return c, configs.POOL5_SIZE, configs.POOL5_SIZE
 
     def meta(self) -> dict[str, Any]:
-        """What a weights file records about this net (see :mod:`verydeep.hub.weights`)."""
+        """What a weights file records about this net (see :mod:`verydeep.formats.safetensors`)."""
         return {
             "config": self.config,
             "num_classes": self.num_classes,

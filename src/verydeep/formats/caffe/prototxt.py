@@ -410,8 +410,8 @@ def vgg_net(
     return downgrade(net) if version == "V1" else net
 
 
-def vgg_spec(net: NetParameter) -> dict[str, Any] | None:
-    """``dict(config, width, num_classes, lrn_k, dense)`` when ``net`` is a Table 1 VGG, else None.
+def vgg_spec(net: NetParameter) -> configs.NetSpec | None:
+    """The :class:`~verydeep.configs.NetSpec` of ``net`` when it is a Table 1 VGG, else None.
 
     The net must be the plain chain of :func:`vgg_net` (any batch/input size, V1 or V2, with or
     without dropout, the final Softmax, data layers and loss/accuracy heads) with Caffe's names on
@@ -435,7 +435,7 @@ def vgg_spec(net: NetParameter) -> dict[str, Any] | None:
             if len(specs) == len(layers) and all(_fits(l, s, dense) for l, s in zip(layers, specs)):
                 lrn = [l.lrn_param.k for l in layers if l.type == "LRN"]
                 k = lrn[0] if lrn else configs.LRN_DEFAULTS["k"]
-                return {"config": config, "width": width, "num_classes": num_classes, "lrn_k": k, "dense": dense}
+                return configs.NetSpec(config, num_classes, width, k, dense)
     return None
 
 

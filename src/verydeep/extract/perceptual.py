@@ -57,7 +57,7 @@ class PerceptualLoss(nn.Module):
     ) -> None:
         super().__init__()
         if isinstance(model, str):
-            from verydeep import load
+            from verydeep.hub.loader import load
 
             model = load(model)
         self.model = model.eval().requires_grad_(False)

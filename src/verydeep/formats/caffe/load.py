@@ -1,0 +1,51 @@
+"""A caffemodel (with or without a deploy prototxt) as a torch module.
+
+Table 1 nets become :class:`verydeep.models.vgg.VGG` (the fast path, the dense view, feature
+taps by Caffe name); any other deploy net of the supported layers becomes a
+:class:`verydeep.formats.caffe.graph.CaffeGraph`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from verydeep.errors import WeightsError
+from verydeep.formats.caffe.caffemodel import read_caffemodel
+from verydeep.formats.caffe.graph import CaffeGraph
+from verydeep.formats.caffe.prototxt import read_prototxt, vgg_spec
+from verydeep.models.build import build_vgg, default_class_names, vgg_spec_from_shapes
+
+
+def caffe_arrays(blobs: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """Caffe's per-layer blob lists -> ``<layer>.weight`` / ``<layer>.bias`` arrays."""
+    out: dict[str, np.ndarray] = {}
+    for layer, arrays in blobs.items():
+        for kind, array in zip(("weight", "bias"), arrays):
+            out[f"{layer}.{kind}"] = array
+    return out
+
+
+def load_caffemodel(path: str | os.PathLike[str], prototxt: str | os.PathLike[str] | None = None) -> nn.Module:
+    """A caffemodel (V1 or V2) as a VGG when the net is a Table 1 VGG, else as a CaffeGraph."""
+    path = Path(path)
+    cm = read_caffemodel(path)
+    net = read_prototxt(prototxt) if prototxt is not None else None
+    arrays = caffe_arrays(cm.blobs)
+    origin = f"{path}" + (f" (with {prototxt})" if prototxt is not None else "")
+    spec = vgg_spec(net) if net is not None else (vgg_spec(cm.net) if cm.net.layer else None)
+    if spec is None and net is None:
+        spec = vgg_spec_from_shapes({k: tuple(v.shape) for k, v in arrays.items()})
+    if spec is not None:
+        return build_vgg(spec, arrays, origin=origin, class_names=default_class_names(spec.num_classes))
+    graph_net = net if net is not None else cm.net
+    if not graph_net.layer:
+        raise WeightsError(
+            f"{path}: not a known VGG and the file holds no net definition; pass --prototxt deploy.prototxt"
+        )
+    graph = CaffeGraph(graph_net, source=str(prototxt or path))
+    graph.load_blobs(cm.blobs, origin=origin)
+    return graph

@@ -1,0 +1,140 @@
+"""ONNX export: opset 18+, checked by onnx.checker and onnxruntime against verydeep.
+
+The input space's channel swap and scale are folded into conv1_1; its offset stays a separate
+``Add`` before conv1_1 so that conv1_1's zero padding is zero in Caffe's space: the export is
+exact at the image border too.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from verydeep import configs
+from verydeep.core.atomic import atomic_path
+from verydeep.errors import VerydeepError
+from verydeep.formats.checks import (
+    TOLERANCE,
+    ExportReport,
+    ExportRequest,
+    fail,
+    probe,
+    probe_sizes,
+    reference,
+    rel_error,
+)
+from verydeep.formats.input_space import INPUT_SPACES, fold_input, to_space
+from verydeep.models.vgg import VGG
+
+#: Default ONNX opset (the torch.export-based exporter's own minimum is 18; 17 works through its
+#: version converter).
+OPSET = 18
+
+
+class _Offset(nn.Module):
+    """``net(x + offset)``: the part of an input-space conversion that cannot precede zero padding
+    as a bias. Added before conv1_1, it keeps the export exact at the image border."""
+
+    def __init__(self, net: nn.Module, offset: torch.Tensor) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("offset", offset.detach().to(torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x + self.offset)
+
+
+def in_space(model: VGG, space: str, *, dense: bool = False) -> nn.Module:
+    """A copy of ``model`` (or its dense view) taking ``space`` input, exactly (offset kept apart)."""
+    net = copy.deepcopy(model).eval()
+    if space != "caffe":
+        w, b, offset = fold_input(net.conv1_1.weight, net.conv1_1.bias, space, fold_offset=False)
+        with torch.no_grad():
+            net.conv1_1.weight.copy_(w)
+            net.conv1_1.bias.copy_(b)
+    body: nn.Module = net.dense() if dense else net
+    if space != "caffe" and bool(offset.abs().max() > 0):
+        body = _Offset(body, offset)
+    return body.eval()
+
+
+def write_onnx(request: ExportRequest) -> ExportReport:
+    """Export ``request.model`` as ONNX, then check it with onnx.checker and onnxruntime."""
+    model, out, space, dense = request.model, request.out, request.space, request.dense
+    opset, exporter = request.opset, request.exporter
+    try:
+        import onnx
+        import onnxruntime as ort
+    except ImportError as e:
+        raise VerydeepError(
+            f"{out}: --format onnx needs onnx and onnxruntime, which are missing ({e.name}): "
+            "pip install onnx onnxruntime onnxscript (or verydeep[all])"
+        ) from None
+    if opset < 17:
+        raise VerydeepError(f"--opset {opset}: the export needs opset 17 or later")
+    if exporter not in EXPORTERS:
+        raise VerydeepError(f"unknown ONNX exporter {exporter!r}; use {' or '.join(EXPORTERS)}")
+    net = in_space(model, space, dense=dense).cpu()
+    example = to_space(probe(2), space)
+    try:
+        with atomic_path(out) as tmp:
+            EXPORTERS[exporter](net, example, tmp, dense=dense, opset=opset)
+    except Exception as e:  # the exporters raise many types; the message is what matters
+        raise VerydeepError(f"{out}: ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    try:
+        onnx.checker.check_model(str(out), full_check=True)
+    except onnx.checker.ValidationError as e:
+        fail([out], f"{out}: onnx.checker rejected the export: {str(e).splitlines()[0]}")
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for h, w in probe_sizes(dense):
+        x = probe(1, h, w, seed=h + w)  # batch 1: not the example's 2, so the batch is really dynamic
+        found = session.run(None, {"data": to_space(x, space).numpy()})[0]
+        worst = max(worst, rel_error(found, reference(model, x, dense)))
+    if worst > TOLERANCE:
+        fail([out], f"{out}: onnxruntime differs from PyTorch by {worst:.2e} (relative), more than {TOLERANCE:g}")
+    notes = [f"opset {opset}, {exporter} exporter; input 'data' ({INPUT_SPACES[space].description}), output 'fc8'"]
+    notes.append("dynamic batch, height and width (at least 224)" if dense else "dynamic batch, 224x224 input")
+    return ExportReport("onnx", [str(out)], space, f"onnx.checker + onnxruntime {ort.__version__}", worst, True, notes)
+
+
+def _dynamo(net: nn.Module, example: torch.Tensor, path: Path, *, dense: bool, opset: int) -> None:
+    """torch.export-based exporter: dynamic batch, and dynamic height/width from 224 for the dense view."""
+    dims = {0: torch.export.Dim("batch", min=1)}
+    if dense:  # any size from 224 (one fc6 window) up
+        dims.update({2: torch.export.Dim("height", min=configs.CROP), 3: torch.export.Dim("width", min=configs.CROP)})
+    torch.onnx.export(
+        net,
+        (example,),
+        str(path),
+        dynamo=True,
+        opset_version=opset,
+        input_names=["data"],
+        output_names=["fc8"],
+        dynamic_shapes=(dims,),
+        verbose=False,
+        external_data=False,
+    )
+
+
+def _torchscript(net: nn.Module, example: torch.Tensor, path: Path, *, dense: bool, opset: int) -> None:
+    """The TorchScript-based exporter (for runtimes that want its graph)."""
+    axes = {0: "batch", 2: "height", 3: "width"} if dense else {0: "batch"}
+    torch.onnx.export(
+        net,
+        (example,),
+        str(path),
+        dynamo=False,
+        opset_version=opset,
+        input_names=["data"],
+        output_names=["fc8"],
+        dynamic_axes={"data": axes, "fc8": axes},
+    )
+
+
+#: ``--exporter`` name -> the torch exporter that writes the file.
+EXPORTERS: dict[str, Callable[..., None]] = {"dynamo": _dynamo, "torchscript": _torchscript}
