@@ -20,6 +20,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from torch import nn
+
 from verydeep.errors import VerydeepError
 from verydeep.formats.caffe.export import write_caffe
 from verydeep.formats.checks import ExportReport, ExportRequest, probe
@@ -41,7 +43,7 @@ FORMATS: dict[str, tuple[Callable[[ExportRequest], ExportReport], str, str]] = {
 
 
 def export(
-    model: VGG,
+    model: nn.Module,
     out: str | os.PathLike,
     format: str,
     *,

@@ -49,6 +49,10 @@ class InputSpace:
         return np.array([self.bias[j] - MEAN_BGR[self.caffe_channel(j)] for j in range(3)], dtype=np.float64)
 
 
+def _times_255(values: tuple[float, float, float]) -> tuple[float, float, float]:
+    return (255.0 * values[0], 255.0 * values[1], 255.0 * values[2])
+
+
 INPUT_SPACES: dict[str, InputSpace] = {
     s.name: s
     for s in (
@@ -60,8 +64,8 @@ INPUT_SPACES: dict[str, InputSpace] = {
         InputSpace(
             "torchvision",
             "RGB",
-            tuple(255.0 * s for s in TORCHVISION_STD),
-            tuple(255.0 * m for m in TORCHVISION_MEAN),
+            _times_255(TORCHVISION_STD),
+            _times_255(TORCHVISION_MEAN),
             "RGB, 0..1, then (x - ImageNet mean) / std (torchvision's usual input)",
         ),
     )
@@ -114,7 +118,5 @@ def unfold_input(weight: torch.Tensor, bias: torch.Tensor, space: str) -> tuple[
     gain = torch.tensor(s.gain, dtype=torch.float64)
     offset = torch.tensor(s.offsets(), dtype=torch.float64) / gain
     b = b - (w * offset.view(1, 3, 1, 1)).sum(dim=(1, 2, 3))
-    cols = [None, None, None]
-    for j in range(3):
-        cols[s.caffe_channel(j)] = w[:, j] / gain[j]
-    return torch.stack(cols, dim=1).to(weight.dtype), b.to(bias.dtype)
+    by_caffe_channel = {s.caffe_channel(j): w[:, j] / gain[j] for j in range(3)}
+    return torch.stack([by_caffe_channel[c] for c in range(3)], dim=1).to(weight.dtype), b.to(bias.dtype)

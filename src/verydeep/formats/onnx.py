@@ -42,6 +42,7 @@ class _Offset(nn.Module):
     def __init__(self, net: nn.Module, offset: torch.Tensor) -> None:
         super().__init__()
         self.net = net
+        self.offset: torch.Tensor
         self.register_buffer("offset", offset.detach().to(torch.float32).view(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,14 +52,16 @@ class _Offset(nn.Module):
 def in_space(model: VGG, space: str, *, dense: bool = False) -> nn.Module:
     """A copy of ``model`` (or its dense view) taking ``space`` input, exactly (offset kept apart)."""
     net = copy.deepcopy(model).eval()
-    if space != "caffe":
-        w, b, offset = fold_input(net.conv1_1.weight, net.conv1_1.bias, space, fold_offset=False)
-        with torch.no_grad():
-            net.conv1_1.weight.copy_(w)
-            net.conv1_1.bias.copy_(b)
     body: nn.Module = net.dense() if dense else net
-    if space != "caffe" and bool(offset.abs().max() > 0):
-        body = _Offset(body, offset)
+    if space != "caffe":
+        conv = net.conv1_1
+        assert conv.bias is not None  # every VGG convolution has a bias
+        w, b, offset = fold_input(conv.weight, conv.bias, space, fold_offset=False)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            conv.bias.copy_(b)
+        if bool(offset.abs().max() > 0):
+            body = _Offset(body, offset)
     return body.eval()
 
 

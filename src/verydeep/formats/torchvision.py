@@ -79,6 +79,7 @@ def torchvision_model(
     arch = TORCHVISION_ARCH.get(config)
     if arch is None:
         torchvision_names(config)  # raises the explanation
+        raise AssertionError(config)
     if width == 1.0:
         with torch.device("meta" if empty else "cpu"):
             return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)

@@ -27,7 +27,7 @@ def _make_layer(spec: LayerSpec, lrn_k: float) -> nn.Module:
     if spec.kind == "lrn":
         d = configs.LRN_DEFAULTS
         # torch divides alpha by size like Caffe does.
-        return nn.LocalResponseNorm(d["size"], alpha=d["alpha"], beta=d["beta"], k=lrn_k)
+        return nn.LocalResponseNorm(int(d["size"]), alpha=d["alpha"], beta=d["beta"], k=lrn_k)
     if spec.kind == "pool":
         return nn.MaxPool2d(2, stride=2, ceil_mode=True)  # Caffe rounds up
     if spec.kind == "fc":
@@ -47,6 +47,13 @@ class VGG(nn.Module):
     ``width`` scales every layer's channels (fc6/fc7 included) for narrow test nets;
     ``class_names`` travels with the weights so classification can print labels.
     """
+
+    # Layers every configuration has (the others are reached with :meth:`layer`).
+    conv1_1: nn.Conv2d
+    fc6: nn.Linear
+    fc7: nn.Linear
+    fc8: nn.Linear
+    _class_names: list[str] | str | None
 
     def __init__(
         self,
@@ -78,13 +85,31 @@ class VGG(nn.Module):
             from verydeep.models.classes import imagenet_classes
 
             self._class_names = list(imagenet_classes())
-        return self._class_names
+        return None if isinstance(self._class_names, str) else self._class_names
 
     @class_names.setter
     def class_names(self, names: Sequence[str] | str | None) -> None:
         if isinstance(names, str) and names != IMAGENET:
             raise VerydeepError(f"class_names: a list of names, {IMAGENET!r} or None, not {names!r}")
-        self._class_names = names if names is None or names == IMAGENET else list(names)
+        self._class_names = names if names is None or isinstance(names, str) else list(names)
+
+    def layer(self, name: str) -> nn.Module:
+        """The layer module called ``name`` (Caffe's name: ``conv3_2``, ``pool5``, ``fc7``)."""
+        return self.get_submodule(name)
+
+    def conv(self, name: str) -> nn.Conv2d:
+        """The convolution ``name`` (``conv1_1`` ... ``conv5_3``)."""
+        module = self.get_submodule(name)
+        if not isinstance(module, nn.Conv2d):
+            raise VerydeepError(f"layer {name!r} of config {self.config} is not a convolution")
+        return module
+
+    def linear(self, name: str) -> nn.Linear:
+        """The fully connected layer ``name`` (``fc6``, ``fc7``, ``fc8``)."""
+        module = self.get_submodule(name)
+        if not isinstance(module, nn.Linear):
+            raise VerydeepError(f"layer {name!r} of config {self.config} is not fully connected")
+        return module
 
     def extra_repr(self) -> str:
         return f"config={self.config!r}, num_classes={self.num_classes}, width={self.width}"
@@ -120,7 +145,7 @@ class VGG(nn.Module):
                         f"found {'x'.join(map(str, x.shape[1:]))}; use model.dense() for other sizes"
                     )
                 x = torch.flatten(x, 1)  # row-major C,H,W like Caffe's InnerProduct
-            layer = getattr(self, spec.name)
+            layer = self.layer(spec.name)
             if spec.kind == "relu" and tapped:
                 x = F.relu(x)  # the in-place ReLU would overwrite the tapped pre-activation
             else:
@@ -183,16 +208,16 @@ class DenseVGG(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
         for spec in m.specs:
-            layer = getattr(m, spec.name)
             if spec.kind == "fc":
+                fc = m.linear(spec.name)
                 if spec.name == "fc6":
                     c, kh, kw = m.fc6_input
-                    weight = layer.weight.view(layer.out_features, c, kh, kw)
+                    weight = fc.weight.view(fc.out_features, c, kh, kw)
                 else:
-                    weight = layer.weight.view(layer.out_features, layer.in_features, 1, 1)
-                x = F.conv2d(x, weight, layer.bias)
+                    weight = fc.weight.view(fc.out_features, fc.in_features, 1, 1)
+                x = F.conv2d(x, weight, fc.bias)
             else:
-                x = layer(x)
+                x = m.layer(spec.name)(x)
         return x
 
 

@@ -4,15 +4,17 @@
   deploy nets (:func:`vgg_net`) and their recognition (:func:`vgg_spec`).
 - :mod:`.caffemodel`: binary weights, read and written at memory speed.
 - :mod:`.graph`: :class:`CaffeGraph`, any deploy net of the supported layers as a torch module.
+- :mod:`.load`: :func:`load_caffemodel`, a caffemodel as a VGG or a CaffeGraph.
+- :mod:`.export`: a VGG written back as a V2 prototxt + caffemodel, checked in OpenCV.
 
 The schema is ``caffe.proto`` (ours: only what these need, with Caffe's field numbers);
-``caffe_pb2.py`` is generated from it and committed. It was generated with protoc 25.1
-(``grpcio-tools==1.62.3``) because that gencode imports on every protobuf runtime from 4.21 up
+``caffe_pb2.py`` and its type stub ``caffe_pb2.pyi`` are generated from it and committed,
+with protoc 25.1 (``grpcio-tools==1.62.3``) because that gencode imports on every protobuf runtime from 4.21 up
 (newer protoc emits a check that refuses runtimes older than itself). To regenerate, in a
 scratch environment::
 
     pip install grpcio-tools==1.62.3
-    python -m grpc_tools.protoc -I src --python_out=src src/verydeep/caffe/caffe.proto
+    python -m grpc_tools.protoc -I src --python_out=src --pyi_out=src src/verydeep/formats/caffe/caffe.proto
 """
 
 from importlib import resources

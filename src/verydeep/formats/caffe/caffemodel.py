@@ -11,6 +11,7 @@ message's fields may come in any order, so the result is a valid file for Caffe 
 
 from __future__ import annotations
 
+import io
 import mmap
 import os
 import uuid
@@ -79,11 +80,13 @@ class _Reader:
     """One pass over the file: the structure through ``buf`` (an mmap, only small parts of which
     are touched), the float data through ``file.readinto`` into the arrays it will live in."""
 
-    def __init__(self, path: str, file: BinaryIO, buf: mmap.mmap) -> None:
+    def __init__(self, path: str, file: io.BufferedReader, buf: mmap.mmap) -> None:
         self.path, self.file, self.buf, self.size = path, file, buf, len(buf)
 
     def read(self) -> CaffeModel:
-        head, layers, versions = bytearray(), [], set()
+        head = bytearray()
+        layers: list[tuple[Any, list[np.ndarray]]] = []
+        versions: set[str] = set()
         for number, wire, start, value, end in self._fields(0, self.size, "the net"):
             if number in _NET_LAYER and wire == _LEN:
                 versions.add(_NET_LAYER[number])
@@ -105,8 +108,9 @@ class _Reader:
                 blobs[layer.name] = arrays
         return CaffeModel(self.path, version, upgrade(net, self.path), blobs)
 
-    def _layer(self, start: int, end: int, version: str, index: int) -> tuple[object, list[np.ndarray]]:
-        rest, arrays, name = bytearray(), [], f"#{index}"
+    def _layer(self, start: int, end: int, version: str, index: int) -> tuple[Any, list[np.ndarray]]:
+        rest, name = bytearray(), f"#{index}"
+        arrays: list[np.ndarray] = []
         for number, wire, tag, value, stop in self._fields(start, end, f"layer {name}"):
             if number == _LAYER_BLOBS[version] and wire == _LEN:
                 arrays.append(self._blob(value, stop, name, len(arrays)))
@@ -160,7 +164,7 @@ class _Reader:
             self._fail(start, f"{where}: packed data of {end - start} bytes is not a whole number of values")
         array = np.empty((end - start) // itemsize, dtype)
         self.file.seek(start)
-        if self.file.readinto(array.view(np.uint8)) != end - start:
+        if self.file.readinto(array.view(np.uint8).data) != end - start:
             self._fail(start, f"{where}: data ends early")
         return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
 
@@ -211,7 +215,7 @@ class _Reader:
             if byte < 0x80:
                 return result, pos
 
-    def _parse(self, message: type, data: bytes, where: str) -> Any:  # a protobuf message
+    def _parse(self, message: Any, data: bytes, where: str) -> Any:  # a protobuf message
         try:
             return message.FromString(data)
         except DecodeError as e:
@@ -311,7 +315,7 @@ def write_caffemodel(
             out.write(_key(layer_field) + _varint(size) + body)
             for (header, data_key, array), n in zip(parts, blob_sizes):
                 out.write(_key(blob_field) + _varint(n) + header + data_key)
-                out.write(array.view(np.uint8))
+                out.write(array.view(np.uint8).data)
 
 
 def _net_for(blobs: Mapping[str, Sequence[np.ndarray]]) -> NetParameter:

@@ -84,52 +84,8 @@ def _check_caffe(model: VGG, proto: Path, weights: Path, space: str, dense: bool
     worst = 0.0
     try:
         import cv2
-    except ImportError:
-        cv2 = None
-    for h, w in probe_sizes(dense):
-        x = probe(1, h, w, seed=h + w)
-        inp = to_space(x, space)
-        if cv2 is not None:
-            net = cv2.dnn.readNetFromCaffe(str(proto), str(weights))
-            net.setInput(inp.numpy())
-            found = net.forward("fc8")
-            checker = f"OpenCV {cv2.__version__} readNetFromCaffe"
-        else:
-            from verydeep.formats.caffe.load import load_caffemodel
-
-            graph = load_caffemodel(weights, proto)
-            with torch.inference_mode():
-                out = graph(inp)
-            found = out["fc8"] if isinstance(out, dict) else out
-            checker = "verydeep's Caffe reader (OpenCV not installed)"
-        worst = max(worst, rel_error(found, reference(model, x, dense)))
-    return worst, checker
-
-
-def _insert_offset_layer(net: Any) -> None:
-    """Put a 1x1 Convolution ``data_offset`` (identity weights, the offset as bias) between the
-    input blob and conv1_1."""
-    layers = list(net.layer)
-    first = next(i for i, layer in enumerate(layers) if layer.name == "conv1_1")
-    source = layers[first].bottom[0]
-    template = type(layers[first])()
-    template.name, template.type = "data_offset", "Convolution"
-    template.bottom.append(source)
-    template.top.append("data_caffe")
-    template.convolution_param.num_output = 3
-    template.convolution_param.kernel_size.append(1)
-    layers[first].bottom[0] = "data_caffe"
-    del net.layer[:]
-    net.layer.extend(layers[:first] + [template] + layers[first:])
-
-
-def _check_caffe(model: VGG, proto: Path, weights: Path, space: str, dense: bool) -> tuple[float, str]:
-    """Run the files in OpenCV's Caffe importer (verydeep's own Caffe reader if OpenCV is absent)."""
-    worst = 0.0
-    try:
-        import cv2
-    except ImportError:
-        cv2 = None
+    except ImportError:  # verydeep's own reader checks the files instead
+        cv2 = None  # type: ignore[assignment]
     for h, w in probe_sizes(dense):
         x = probe(1, h, w, seed=h + w)
         inp = to_space(x, space)
