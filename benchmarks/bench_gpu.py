@@ -1,6 +1,6 @@
 """Full-size VGG-16 inference on one CUDA GPU: the fast path against the eager baselines.
 
-    PYTHONPATH=src python3 benchmarks/bench_gpu.py [--out results/gpu.json] [--budget 170] [--compile]
+    python3 benchmarks/bench_gpu.py [--out results/gpu.json] [--budget 170] [--compile]
 
 Measures, in one process (random He-initialised weights; speed does not depend on them):
 
@@ -28,76 +28,18 @@ import json
 import os
 import sys
 import time
-import traceback
-from pathlib import Path
+from contextlib import nullcontext
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "src"))  # run from a checkout without installing
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+from verydeep.bench import PartialReport, cuda_timed, event_ms, random_model, torchvision_twin
+from verydeep.core.numerics import relative_error
+from verydeep.formats.export import probe
+from verydeep.runtime import FastVGG, optimize, tf32_off
 
 GFLOP_PER_IMAGE = 30.94  # VGG-16 at 224x224: 15.47 G multiply-adds
-REPORT: dict[str, Any] = {"measurements": {}, "errors": {}, "skipped": []}
-START = time.perf_counter()
-OUT_PATH: Path | None = None  # the report is rewritten here after every measurement
-
-
-def save() -> None:
-    if OUT_PATH is not None:
-        OUT_PATH.parent.mkdir(parents=True, exist_ok=True)
-        OUT_PATH.write_text(json.dumps(REPORT, indent=2) + "\n")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - START:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def record(name: str, value: Any) -> None:
-    REPORT["measurements"][name] = value
-    print(json.dumps({name: value}), file=sys.stderr, flush=True)
-    save()
-
-
-def guarded(name: str, fn, *args, **kwargs) -> Any:
-    try:
-        value = fn(*args, **kwargs)
-        if value is not None:
-            record(name, value)
-        return value
-    except Exception as e:  # keep going: a partial report is better than none
-        REPORT["errors"][name] = f"{type(e).__name__}: {e}"
-        save()
-        log(f"{name} FAILED: {type(e).__name__}: {e}")
-        traceback.print_exc(file=sys.stderr)
-        torch.cuda.empty_cache()
-        return None
-
-
-def over_budget(budget: float, what: str) -> bool:
-    if time.perf_counter() - START > budget:
-        REPORT["skipped"].append(what)
-        log(f"skipping {what}: over the {budget:.0f}s budget")
-        return True
-    return False
-
-
-def timed(fn, x: torch.Tensor, iters: int, warmup: int = 3) -> dict[str, float]:
-    """Images/s and latency of ``fn(x)`` over ``iters`` calls after ``warmup``; peak memory."""
-    for _ in range(warmup - 1):  # _event_ms makes one more warm-up call
-        fn(x)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    ms = _event_ms(fn, x, iters)
-    return {
-        "batch": x.shape[0],
-        "images_per_s": round(x.shape[0] / (ms / 1000), 1),
-        "latency_ms": round(ms, 3),
-        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1),
-        "iters": iters,
-    }
 
 
 def matmul_ceiling() -> dict[str, float]:
@@ -121,70 +63,25 @@ def matmul_ceiling() -> dict[str, float]:
     }
 
 
-def probe(n: int, h: int = 224, w: int = 224, seed: int = 0) -> torch.Tensor:
-    """Smooth random images in Caffe space."""
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(n, 3, max(2, h // 16), max(2, w // 16), generator=g) * 255 - 120
-    return F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
-
-
-def rel(found: torch.Tensor, expected: torch.Tensor) -> float:
-    found, expected = found.double(), expected.double()
-    return float((found - expected).abs().max() / expected.abs().max())
-
-
-def he_vgg16(device: str) -> nn.Module:
-    """Full-size VGG-16 with He-initialised weights (speed does not depend on the values)."""
-    from verydeep.bench.run import random_model
-
-    return random_model("D").to(device)
-
-
-class NoTF32:
-    def __enter__(self) -> None:
-        self.saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-
-    def __exit__(self, *exc: Any) -> None:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved
-
-
-def layer_times(fast, x: torch.Tensor) -> dict[str, float]:
+def layer_times(fast: FastVGG, x: torch.Tensor) -> dict[str, float]:
     """Per-step milliseconds of the fast plan (uncaptured), with CUDA events."""
     out: dict[str, float] = {}
-    with torch.inference_mode(), fast._context():
-        h = fast._enter(x)
+    features, classifier = fast.stages()
+    with torch.inference_mode():
         for _ in range(2):  # warm (cuDNN autotune)
-            fast._classic_impl(h)
-        torch.cuda.synchronize()
-        for s in fast._conv_steps:
-            fn = {
-                "conv": lambda t, s=s: fast._conv(s, t),
-                "pool": fast._pool,
-                "lrn": lambda t, s=s: fast._lrn(s, t),
-                "relu": F.relu,
-            }[s.kind]
-            ms = _event_ms(fn, h)
-            out[s.name] = round(ms, 3)
-            h = fn(h)
-        h = torch.flatten(h.contiguous(), 1)
-        for s in fast._fc_steps:
-            fn = lambda t, s=s: fast._linear(s, t)  # noqa: E731
-            out[s.name] = round(_event_ms(fn, h), 3)
-            h = fn(h)
+            fast(x)
+        with fast.context():
+            h = fast.prepare(x)
+            torch.cuda.synchronize()
+            for name, fn in features:
+                out[name] = round(event_ms(fn, h), 3)
+                h = fn(h)
+            h = torch.flatten(h.contiguous(), 1)
+            for name, fn in classifier:
+                out[name] = round(event_ms(fn, h), 3)
+                h = fn(h)
     out["sum"] = round(sum(out.values()), 3)
     return out
-
-
-def _event_ms(fn, x: torch.Tensor, iters: int = 5) -> float:
-    fn(x)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn(x)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def main() -> int:
@@ -194,9 +91,9 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compilation)")
     ap.add_argument("--big", type=int, default=256, help="the large batch (default 256)")
     args = ap.parse_args()
-    global OUT_PATH
     out = args.out or (os.path.join(os.environ["OUT"], "bench_gpu.json") if os.environ.get("OUT") else None)
-    OUT_PATH = Path(out) if out else None
+    report = PartialReport(out)
+    REPORT, guarded, log = report.data, report.guarded, report.log
 
     REPORT["machine"] = {
         "torch": torch.__version__,
@@ -212,7 +109,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         REPORT["errors"]["cuda"] = "CUDA is not available: nothing to measure (this script needs a GPU)"
         print(json.dumps(REPORT, indent=2))
-        save()
+        report.save()
         return 2
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
@@ -230,15 +127,13 @@ def main() -> int:
     ceiling = guarded("matmul_ceiling", matmul_ceiling)
     ceil_ips = ceiling["ceiling_images_per_s"] if ceiling else None
 
-    from verydeep.runtime.executor import optimize
-
-    model = he_vgg16("cuda")
+    model = random_model("D").to(dev)
     log("model ready")
     big, small = args.big, 64
     xs = {n: probe(n, seed=n).to(dev) for n in (big, small)}
 
     # exact fp32 reference logits (TF32 off)
-    with NoTF32(), torch.inference_mode():
+    with tf32_off(), torch.inference_mode():
         ref = {n: torch.cat([model(xs[n][i : i + 64]) for i in range(0, n, 64)]).float() for n in xs}
 
     def pct(ips: float) -> float | None:
@@ -246,13 +141,13 @@ def main() -> int:
 
     def fast_case(name: str, precision: str, n: int, iters: int, **kw: Any) -> dict[str, Any]:
         fast = optimize(model, precision, device=dev, **kw)
-        r = timed(fast, xs[n], iters)
+        r = cuda_timed(fast, xs[n], iters)
         y = fast(xs[n])
         r.update(
             {
                 "plan": fast.plan.to_dict(),
                 "percent_of_ceiling": pct(r["images_per_s"]),
-                "rel_error_vs_fp32": rel(y, ref[n]),
+                "rel_error_vs_fp32": relative_error(y, ref[n]),
                 "top1_agreement": float((y.argmax(1) == ref[n].argmax(1)).float().mean()),
             }
         )
@@ -263,11 +158,11 @@ def main() -> int:
     results: dict[str, Any] = {}
     results["bf16_b256"] = guarded(f"fast_bf16_batch{big}", fast_case, "bf16", "bf16", big, 20)
     results["bf16_b64"] = guarded("fast_bf16_batch64", fast_case, "bf16", "bf16", small, 30)
-    if not over_budget(args.budget, "fp16"):
+    if not report.over_budget(args.budget, "fp16"):
         guarded(f"fast_fp16_batch{big}", fast_case, "fp16", "fp16", big, 20)
-    if not over_budget(args.budget, "bf16 without CUDA graphs"):
+    if not report.over_budget(args.budget, "bf16 without CUDA graphs"):
         guarded(f"fast_bf16_batch{big}_no_cuda_graphs", fast_case, "bf16", "bf16", big, 10, cuda_graphs=False)
-    if not over_budget(args.budget, "fp32 fast"):
+    if not report.over_budget(args.budget, "fp32 fast"):
         guarded("fast_fp32_batch64", fast_case, "fp32", "fp32", small, 10)
 
     # eager fp32 baselines at batch 64
@@ -276,21 +171,22 @@ def main() -> int:
             with torch.inference_mode():
                 return module(x)
 
-        ctx = NoTF32() if not tf32 else _Null()
-        with ctx:
-            r = timed(run, xs[n], 5, warmup=2)
+        with tf32_off() if not tf32 else nullcontext():
+            r = cuda_timed(run, xs[n], 5, warmup=2)
             y = run(xs[n])
         r.update(
-            {"tf32": tf32, "rel_error_vs_fp32": rel(y.float(), ref[n]), "percent_of_ceiling": pct(r["images_per_s"])}
+            {
+                "tf32": tf32,
+                "rel_error_vs_fp32": relative_error(y.float(), ref[n]),
+                "percent_of_ceiling": pct(r["images_per_s"]),
+            }
         )
         return r
 
     tv = None
     if torchvision is not None:
         try:
-            from verydeep.bench.run import torchvision_twin
-
-            tv = torchvision_twin(model).to(dev)
+            tv = torchvision_twin(model)
         except Exception as e:
             REPORT["errors"]["torchvision_twin"] = f"{type(e).__name__}: {e}"
     base = None
@@ -300,25 +196,25 @@ def main() -> int:
     guarded("exact_eager_fp32_batch64_no_tf32", eager_case, model, small, False)
 
     # dense, one 384x512 image
-    if not over_budget(args.budget, "dense"):
+    if not report.over_budget(args.budget, "dense"):
 
         def dense_case() -> dict[str, Any]:
             xd = probe(1, 384, 512, seed=7).to(dev)
-            with NoTF32(), torch.inference_mode():
+            with tf32_off(), torch.inference_mode():
                 refd = model.dense()(xd).float()
             out: dict[str, Any] = {}
             for precision in ("bf16", "fp32"):
                 fd = optimize(model, precision, device=dev).dense()
-                r = timed(fd, xd, 20)
-                r["rel_error_vs_fp32"] = rel(fd(xd), refd)
+                r = cuda_timed(fd, xd, 20)
+                r["rel_error_vs_fp32"] = relative_error(fd(xd), refd)
                 out[f"fast_{precision}"] = r
 
             def exact_dense(x: torch.Tensor) -> torch.Tensor:
                 with torch.inference_mode():
                     return model.dense()(x)
 
-            with NoTF32():
-                out["exact_fp32_no_tf32"] = timed(exact_dense, xd, 10)
+            with tf32_off():
+                out["exact_fp32_no_tf32"] = cuda_timed(exact_dense, xd, 10)
             out["speedup_bf16_vs_exact"] = round(
                 out["fast_bf16"]["images_per_s"] / out["exact_fp32_no_tf32"]["images_per_s"], 2
             )
@@ -328,7 +224,7 @@ def main() -> int:
         guarded("dense_384x512_batch1", dense_case)
 
     # correctness of the CUDA paths: graph replay, features
-    if not over_budget(args.budget, "checks"):
+    if not report.over_budget(args.budget, "checks"):
 
         def checks() -> dict[str, Any]:
             fast = optimize(model, "bf16", device=dev)
@@ -337,36 +233,36 @@ def main() -> int:
             ya = fast(a)
             yb = fast(b)  # replay with new data
             out = {
-                "graph_replay_equals_uncaptured": rel(yb, plain(b)),
-                "first_output_not_overwritten": rel(ya, plain(a)),
-                "graphs_captured": len(fast._classic.graphs),  # type: ignore[attr-defined]
+                "graph_replay_equals_uncaptured": relative_error(yb, plain(b)),
+                "first_output_not_overwritten": relative_error(ya, plain(a)),
+                "graphs_captured": fast.graphs_captured,
             }
             with torch.inference_mode():
                 taps = model.features(a, taps=["relu4_3", "fc7"])
             got = fast.features(a, taps=["relu4_3", "fc7"])
-            out["features_rel_error"] = {k: rel(got[k], taps[k].float()) for k in taps}
+            out["features_rel_error"] = {k: relative_error(got[k], taps[k].float()) for k in taps}
             return out
 
         guarded("cuda_checks", checks)
 
-    if not over_budget(args.budget, "layer times"):
+    if not report.over_budget(args.budget, "layer times"):
         guarded(
             f"layer_ms_bf16_batch{big}",
             lambda: layer_times(optimize(model, "bf16", device=dev, cuda_graphs=False), xs[big]),
         )
 
-    if args.compile and not over_budget(args.budget - 60, "compile"):
+    if args.compile and not report.over_budget(args.budget - 60, "compile"):
 
         def compiled() -> dict[str, Any]:
             t0 = time.perf_counter()
             fast = optimize(model, "bf16", device=dev, compile=True)
             fast(xs[big])
             first = time.perf_counter() - t0
-            r = timed(fast, xs[big], 20)
+            r = cuda_timed(fast, xs[big], 20)
             r.update(
                 {
                     "first_call_s": round(first, 1),
-                    "rel_error_vs_fp32": rel(fast(xs[big]), ref[big]),
+                    "rel_error_vs_fp32": relative_error(fast(xs[big]), ref[big]),
                     "percent_of_ceiling": pct(r["images_per_s"]),
                 }
             )
@@ -385,18 +281,10 @@ def main() -> int:
                 results["bf16_b256"]["images_per_s"] / base["images_per_s"], 2
             )
     REPORT["summary"] = summary
-    REPORT["wall_s"] = round(time.perf_counter() - START, 1)
+    REPORT["wall_s"] = round(report.elapsed(), 1)
     print(json.dumps(REPORT, indent=2))
-    save()
+    report.save()
     return 0
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 if __name__ == "__main__":

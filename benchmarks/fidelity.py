@@ -20,9 +20,10 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-
 import torch
+
+from verydeep.bench import emit_report, random_model
+from verydeep.core.numerics import relative_error
 
 
 def photo_paths(folder: str | None) -> tuple[list[Path], str]:
@@ -40,7 +41,7 @@ def photo_paths(folder: str | None) -> tuple[list[Path], str]:
 
 def stats(found: torch.Tensor, ref: torch.Tensor) -> dict:
     found, ref = found.double(), ref.double()
-    errs = [float((a - b).abs().max() / b.abs().max()) for a, b in zip(found, ref)]
+    errs = [relative_error(a, b) for a, b in zip(found, ref)]
     t1 = (found.argmax(1) == ref.argmax(1)).float().mean().item()
     f5, r5 = found.topk(5, 1).indices, ref.topk(5, 1).indices
     same5 = sum(set(a.tolist()) == set(b.tolist()) for a, b in zip(f5, r5)) / len(errs)
@@ -62,10 +63,8 @@ def main() -> int:
     ap.add_argument("--dense", type=int, default=384)
     ap.add_argument("--out")
     args = ap.parse_args()
-    from verydeep.bench.run import random_model
-    from verydeep.data.preprocess import center_crop_caffe, to_caffe, to_uint8_chw
+    from verydeep.data.preprocess import center_crop_caffe, rescale, to_caffe, to_uint8_chw
     from verydeep.errors import ImageError
-    from verydeep.evaluate.protocols import rescale
 
     paths, folder = photo_paths(args.images)
     crops, bigs, used = [], [], []
@@ -77,7 +76,7 @@ def main() -> int:
         except ImageError:
             continue
     if args.weights:
-        from verydeep.hub.weights import load
+        from verydeep.hub.loader import load
 
         model, weights = load(args.weights), args.weights
     else:
@@ -96,8 +95,6 @@ def main() -> int:
             "classic": stats(y, ref),
             "dense": stats(yd, torch.cat(ref_dense)),
         }
-    from verydeep.bench.run import emit_report
-
     emit_report(report, args.out)
     return 0
 

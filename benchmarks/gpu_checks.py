@@ -1,6 +1,6 @@
 """Correctness of the CUDA code paths, against a float64 CPU reference (run on a GPU machine).
 
-    PYTHONPATH=src python3 benchmarks/gpu_checks.py [--out checks.json]
+    python3 benchmarks/gpu_checks.py [--out checks.json]
 
 Checks, each printed as it finishes and collected into one JSON object:
   * full-size VGG-16 (random weights), classic 224 at batch 2 and dense 300x419: the exact path on
@@ -27,20 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
 import verydeep
-from verydeep.runtime.executor import TOLERANCE
+from verydeep.core.atomic import write_text
+from verydeep.core.numerics import relative_error
+from verydeep.runtime import TOLERANCE
 
 #: The device under test; GPU_CHECKS_DEVICE=cpu dry-runs the script on a machine without one.
 GPU = os.environ.get("GPU_CHECKS_DEVICE", "cuda")
 RESULTS: dict[str, object] = {}
 FAILED: list[str] = []
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def check(name: str, value: float, limit: float) -> None:
@@ -77,17 +72,17 @@ def model_paths() -> None:
     del m64
     gpu = model.to(GPU)
     with torch.no_grad():
-        check("exact fp32 classic (cuda)", rel(gpu(x.to(GPU)), ref), 1e-5)
-        check("exact fp32 dense 300x419 (cuda)", rel(gpu.dense()(xd.to(GPU)), ref_dense), 1e-5)
+        check("exact fp32 classic (cuda)", relative_error(gpu(x.to(GPU)), ref), 1e-5)
+        check("exact fp32 dense 300x419 (cuda)", relative_error(gpu.dense()(xd.to(GPU)), ref_dense), 1e-5)
     for precision in ("fp32", "bf16", "fp16"):
         fast = gpu.optimized(precision=precision)
         RESULTS[f"plan {precision}"] = fast.plan.to_dict() if hasattr(fast, "plan") else None
         for _ in range(2):  # the second call replays the captured CUDA graph
             out = fast(x.to(GPU))
-        check(f"optimized {precision} classic (cuda)", rel(out, ref), TOLERANCE[precision])
+        check(f"optimized {precision} classic (cuda)", relative_error(out, ref), TOLERANCE[precision])
         out = fast.dense()(xd.to(GPU))
         out = fast.dense()(xd.to(GPU))
-        check(f"optimized {precision} dense 300x419 (cuda)", rel(out, ref_dense), TOLERANCE[precision])
+        check(f"optimized {precision} dense 300x419 (cuda)", relative_error(out, ref_dense), TOLERANCE[precision])
     if GPU == "cuda":
         torch.cuda.synchronize()
 
@@ -106,7 +101,7 @@ def make_images(folder: Path, n: int = 6) -> None:
 
 def jobs_on_cuda() -> None:
     from verydeep.data.eval_set import open_eval_set
-    from verydeep.evaluate.protocols import evaluate
+    from verydeep.evaluate import evaluate
 
     model = he_vgg(width=1 / 8, num_classes=3)
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,7 +143,7 @@ def jobs_on_cuda() -> None:
                     progress=False,
                 )
                 feats[side] = read_features(out)[1]["fc7"]  # rows in input order
-            d = float(np.abs(feats["ref"] - feats["dut"]).max() / np.abs(feats["ref"]).max())
+            d = relative_error(feats["dut"], feats["ref"])
             check("extract fc7 cuda vs cpu (rel)", d, 1e-5)
         except TypeError as e:  # signature drift: report, do not hide
             RESULTS["extract"] = f"not run: {e}"
@@ -176,7 +171,7 @@ def main() -> int:
     text = json.dumps(RESULTS, indent=1, default=str)
     print(text)
     if args.out:
-        Path(args.out).write_text(text)
+        write_text(args.out, text)
     return 1 if FAILED else 0
 
 

@@ -1,6 +1,6 @@
 """How the GPU plan was chosen: kernel alternatives for VGG-16's layers at batch 256 in bf16.
 
-    PYTHONPATH=src python3 benchmarks/gpu_layers.py [--out results/gpu_layers.json] [--compile]
+    python3 benchmarks/gpu_layers.py [--out results/gpu_layers.json] [--compile]
 
 Per layer (CUDA events, channels-last bf16): conv1_1 with 3 input channels vs zero-padded to
 8/16 (exact: zero channels meet zero weights); conv + ReLU as two kernels vs cuDNN's fused
@@ -18,22 +18,25 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
+from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "src"))
+import torch
+import torch.nn.functional as F
 
-import bench_gpu as bg  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from verydeep.bench import PartialReport, cuda_timed, event_ms, random_model
+from verydeep.core.numerics import relative_error
+from verydeep.formats.export import probe
+from verydeep.runtime import FastVGG, make_plan, max_pool_nhwc, optimize, tf32_off, triton_max_pool
+from verydeep.runtime.compiled import compiled_max_pool
 
 
-def ms(fn, iters: int = 10) -> float:
+def ms(fn: Callable[[], Any], iters: int = 10) -> float:
+    """Milliseconds per ``fn()`` (CUDA events), after a synchronised first call."""
     fn()
     torch.cuda.synchronize()
-    return bg._event_ms(lambda _: fn(), None, iters)  # type: ignore[arg-type]
+    return event_ms(lambda _: fn(), None, iters)
 
 
 def main() -> int:
@@ -43,15 +46,13 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--budget", type=float, default=150)
     args = ap.parse_args()
-    if args.out:
-        bg.OUT_PATH = Path(args.out)
+    report = PartialReport(args.out)
     if not torch.cuda.is_available():
         print(json.dumps({"error": "needs CUDA"}))
         return 2
-    from verydeep.runtime.executor import FastVGG, make_plan, max_pool_nhwc
 
     dev = torch.device("cuda")
-    bg.REPORT["machine"] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    report.data["machine"] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     n = args.batch
     torch.backends.cudnn.benchmark = True
     bf = torch.bfloat16
@@ -85,7 +86,7 @@ def main() -> int:
             if relu_fused is not None:
                 z = torch.empty((n, c, 224, 224), dtype=bf, device=dev, memory_format=cl).zero_()
                 z[:, :3].copy_(x3)
-                v[f"pad{c}_cudnn_relu_excl_pad"] = bg.guarded(
+                v[f"pad{c}_cudnn_relu_excl_pad"] = report.guarded(
                     f"c11_{c}", lambda z=z, wc=wc: ms(lambda: relu_fused(z, wc, b, [1, 1], [1, 1], [1, 1], 1))
                 )
         x3n, w3n = x3.contiguous(), w3.contiguous()
@@ -104,7 +105,7 @@ def main() -> int:
             "nhwcpool_only": ms(lambda: max_pool_nhwc(x)),
         }
         if relu_fused is not None:
-            v["cudnn_relu_pool"] = bg.guarded(
+            v["cudnn_relu_pool"] = report.guarded(
                 "c12f",
                 lambda: ms(lambda: F.max_pool2d(relu_fused(x, w, b, [1, 1], [1, 1], [1, 1], 1), 2, 2, ceil_mode=True)),
             )
@@ -112,18 +113,16 @@ def main() -> int:
 
         # pool1 alone: ATen (writes int64 indices on CUDA), NHWC maximum passes, amax over a view,
         # and torch.compile'd (a Triton kernel)
-        from verydeep.runtime.executor import _compiled_pool, triton_max_pool
-
         y = act(64, 224)
         t0 = time.perf_counter()
-        _compiled_pool(y)
+        compiled_max_pool(y)
         torch.cuda.synchronize()
         first = time.perf_counter() - t0
         v = {
             "aten": ms(lambda: F.max_pool2d(y, 2, 2, ceil_mode=True)),
             "nhwc_maximum": ms(lambda: max_pool_nhwc(y)),
             "amax_view": ms(lambda: y.permute(0, 2, 3, 1).reshape(n, 112, 2, 112, 2, 64).amax(dim=(2, 4))),
-            "compiled": ms(lambda: _compiled_pool(y)),
+            "compiled": ms(lambda: compiled_max_pool(y)),
             "triton": ms(lambda: triton_max_pool(y)),
             "compiled_first_call_s": round(first, 2),
             "relu_only": ms(lambda: F.relu(y)),
@@ -133,18 +132,20 @@ def main() -> int:
             x = act(cin, hw)
             w, b = conv_w(cin, cout)
             v = {
-                "conv_relu": ms(lambda: F.relu_(F.conv2d(x, w, b, padding=1))),
-                "conv_only": ms(lambda: F.conv2d(x, w, b, padding=1)),
+                "conv_relu": ms(lambda x=x, w=w, b=b: F.relu_(F.conv2d(x, w, b, padding=1))),
+                "conv_only": ms(lambda x=x, w=w, b=b: F.conv2d(x, w, b, padding=1)),
             }
             if relu_fused is not None:
-                v["cudnn_relu"] = bg.guarded(name, lambda: ms(lambda: relu_fused(x, w, b, [1, 1], [1, 1], [1, 1], 1)))
+                v["cudnn_relu"] = report.guarded(
+                    name, lambda x=x, w=w, b=b: ms(lambda: relu_fused(x, w, b, [1, 1], [1, 1], [1, 1], 1))
+                )
             layer[name] = v
-    bg.record("layers_ms", layer)
+    report.record("layers_ms", layer)
 
     # whole net under plan variants
-    model = bg.he_vgg16("cuda")
-    xs = bg.probe(n, seed=3).to(dev)
-    with bg.NoTF32(), torch.inference_mode():
+    model = random_model("D").to(dev)
+    xs = probe(n, seed=3).to(dev)
+    with tf32_off(), torch.inference_mode():
         ref = torch.cat([model(xs[i : i + 64]) for i in range(0, n, 64)]).float()
     base = make_plan("bf16", dev)
     variants = {
@@ -165,35 +166,33 @@ def main() -> int:
     }
     whole: dict[str, dict] = {}
     for name, change in variants.items():
-        if bg.over_budget(args.budget, name):
+        if report.over_budget(args.budget, name):
             break
 
         def one(change: dict = change) -> dict:
             fast = FastVGG(model, replace(base, **change))
-            r = bg.timed(fast, xs, 20)
-            r["rel_error_vs_fp32"] = bg.rel(fast(xs), ref)
+            r = cuda_timed(fast, xs, 20)
+            r["rel_error_vs_fp32"] = relative_error(fast(xs), ref)
             del fast
             torch.cuda.empty_cache()
             return r
 
-        whole[name] = bg.guarded(f"whole_{name}", one)
-    if args.compile and not bg.over_budget(args.budget - 40, "compile"):
+        whole[name] = report.guarded(f"whole_{name}", one)
+    if args.compile and not report.over_budget(args.budget - 40, "compile"):
 
         def compiled() -> dict:
-            from verydeep.runtime.executor import optimize
-
             t0 = time.perf_counter()
             fast = optimize(model, "bf16", device=dev, compile=True)
             fast(xs)
             first = time.perf_counter() - t0
-            r = bg.timed(fast, xs, 20)
-            r.update({"first_call_s": round(first, 1), "rel_error_vs_fp32": bg.rel(fast(xs), ref)})
+            r = cuda_timed(fast, xs, 20)
+            r.update({"first_call_s": round(first, 1), "rel_error_vs_fp32": relative_error(fast(xs), ref)})
             return r
 
-        bg.guarded("whole_compile", compiled)
-    bg.REPORT["wall_s"] = round(time.perf_counter() - bg.START, 1)
-    print(json.dumps(bg.REPORT, indent=2))
-    bg.save()
+        report.guarded("whole_compile", compiled)
+    report.data["wall_s"] = round(report.elapsed(), 1)
+    print(json.dumps(report.data, indent=2))
+    report.save()
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Full-size VGG-16 inference on the CPU: ``verydeep bench`` with the issue's scenarios, saved.
+"""Full-size VGG-16 inference on the CPU: ``verydeep bench`` with RESULTS.md's scenarios, saved.
 
     python benchmarks/inference_cpu.py [--threads 2] [--repeats 5] [--compile] [--out results/cpu.json]
 
@@ -18,11 +18,9 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-
-from verydeep.bench.run import cpu_busy, format_report, run_bench
+from verydeep.bench import BenchOptions, cpu_busy, format_report, run_bench
+from verydeep.core.atomic import write_text
 
 
 def main() -> int:
@@ -46,7 +44,7 @@ def main() -> int:
         "run again (up to 3 tries) when they used >15%% of the CPUs during the timing or after it",
     )
     args = ap.parse_args()
-    for attempt in range(3 if args.quiet_wait else 1):
+    for _attempt in range(3 if args.quiet_wait else 1):
         if args.quiet_wait:
             wait_quiet(args.quiet_wait)
         report = measure(args)
@@ -59,8 +57,7 @@ def main() -> int:
     }
     print(format_report(report))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        write_text(args.out, json.dumps(report, indent=2) + "\n")
     return 0
 
 
@@ -72,7 +69,7 @@ def wait_quiet(limit: float) -> None:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    return run_bench(
+    options = BenchOptions(
         arch=args.arch,
         batches=args.batch,
         precisions=args.precision,
@@ -83,8 +80,8 @@ def measure(args: argparse.Namespace) -> dict:
         threads=args.threads,
         compile=args.compile,
         device="cpu",
-        progress=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True),
     )
+    return run_bench(options, progress=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True))
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ same 553 MB layout) with the bundled deploy prototxt, and its safetensors conver
 in a new Python process (so nothing is shared or cached in memory; the files are in the OS page
 cache, i.e. a warm disk), measures:
 
-* ``import torch`` time (reported, not counted), then ``import verydeep`` (which no longer
-  imports torchvision: that import cost ~0.95 s and used to dominate "after import torch");
-* ``verydeep.hub.weights.load_caffemodel(path)``: seconds, and peak RSS (VmHWM) beyond the process's
+* ``import torch`` time (reported, not counted), then ``import verydeep`` (which does not
+  import torchvision: that import costs ~0.95 s and would dominate "after import torch");
+* ``verydeep.formats.caffe.load.load_caffemodel(path)``: seconds, and peak RSS (VmHWM) beyond the process's
   RSS after ``import torch`` minus the weights' own 528 MiB ("beyond the weights");
 * OpenCV's ``cv2.dnn.readNetFromCaffe(prototxt, caffemodel)`` the same way (the reference figure);
 * ``verydeep.load(path.safetensors)``: seconds after ``import torch`` until a ready VGG, and its RSS;
@@ -27,70 +27,79 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+from verydeep.bench import emit_report, random_model
+from verydeep.formats.caffe import VGG16_DEPLOY, read_prototxt, write_caffemodel
+from verydeep.formats.safetensors import save_safetensors
 
-PROLOGUE = r"""
+#: What every child process measures with: its resident memory now, and its peak.
+MEMORY = r"""
 import json, os, resource, sys, time
-sys.path.insert(0, {src!r})
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 def peak():  # VmHWM: this process image's peak (ru_maxrss would include the parent's, kept across exec)
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) * 1024
+"""
+
+PROLOGUE = (
+    MEMORY
+    + r"""
 t0 = time.perf_counter()
 import torch
 t_import = time.perf_counter() - t0
 base = rss()
 """
+)
 
-CAFFE = (
+#: A child that imports verydeep (``imports``), loads ``model`` with ``load``, runs ``after``, and
+#: prints its times and memory as JSON.
+LOADER = (
     PROLOGUE
     + r"""
 t0 = time.perf_counter()
-from verydeep.hub.weights import load_caffemodel  # imports verydeep (torchvision only on first image transform)
+{imports}
 t_vd = time.perf_counter() - t0
 t0 = time.perf_counter()
-model = load_caffemodel({model!r})
+model = {load}({model!r})
 dt = time.perf_counter() - t0
-print(json.dumps({{"import_torch_s": t_import, "import_verydeep_s": t_vd, "load_s": dt,
-                  "ready_after_import_torch_s": t_vd + dt, "rss_after_import_mb": base / 2**20,
-                  "peak_rss_mb": peak() / 2**20, "rss_after_mb": rss() / 2**20,
-                  "params": sum(p.numel() for p in model.parameters())}}))
+out = {{"import_torch_s": t_import, "import_verydeep_s": t_vd, "load_s": dt,
+       "ready_after_import_torch_s": t_vd + dt, "rss_after_import_mb": base / 2**20}}
+{after}
+out.update({{"peak_rss_mb": peak() / 2**20, "rss_after_mb": rss() / 2**20}})
+print(json.dumps(out))
 """
 )
+#: The caffemodel loader (imports verydeep; torchvision only on the first image transform).
+CAFFE = {
+    "imports": "from verydeep.formats.caffe.load import load_caffemodel",
+    "load": "load_caffemodel",
+    "after": 'out["params"] = sum(p.numel() for p in model.parameters())',
+}
+#: ``verydeep.load`` of safetensors (``import verydeep`` does not import torchvision), then the
+#: bf16 fast path's build time on top.
+SAFETENSORS = {
+    "imports": "import verydeep",
+    "load": "verydeep.load",
+    "after": "\n".join(
+        [
+            "t1 = time.perf_counter()",
+            'fast = model.optimized("bf16")',
+            'out["optimized_bf16_s"] = time.perf_counter() - t1',
+        ]
+    ),
+}
 
-OPENCV = r"""
-import json, os, resource, sys, time
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+OPENCV = (
+    MEMORY
+    + r"""
 import cv2
 base = rss()
 t0 = time.perf_counter()
 net = cv2.dnn.readNetFromCaffe({prototxt!r}, {model!r})
 dt = time.perf_counter() - t0
-print(json.dumps({{"load_s": dt, "rss_after_import_mb": base / 2**20,
-                  "peak_rss_mb": next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024,
+print(json.dumps({{"load_s": dt, "rss_after_import_mb": base / 2**20, "peak_rss_mb": peak() / 2**20,
                   "rss_after_mb": rss() / 2**20, "version": cv2.__version__}}))
-"""
-
-SAFETENSORS = (
-    PROLOGUE
-    + r"""
-t0 = time.perf_counter()
-import verydeep  # does not import torchvision
-t_vd = time.perf_counter() - t0
-t0 = time.perf_counter()
-model = verydeep.load({model!r})
-dt = time.perf_counter() - t0
-t1 = time.perf_counter()
-fast = model.optimized("bf16")
-dt_fast = time.perf_counter() - t1
-print(json.dumps({{"import_torch_s": t_import, "import_verydeep_s": t_vd, "load_s": dt,
-                  "ready_after_import_torch_s": t_vd + dt, "optimized_bf16_s": dt_fast,
-                  "rss_after_import_mb": base / 2**20, "peak_rss_mb": peak() / 2**20, "rss_after_mb": rss() / 2**20}}))
 """
 )
 
@@ -119,14 +128,10 @@ def main() -> int:
     args = ap.parse_args()
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
-    prototxt = ROOT / "src/verydeep/caffe/prototxts/VGG_ILSVRC_16_layers_deploy.prototxt"
+    prototxt = Path(str(VGG16_DEPLOY))
     caffemodel = folder / "VGG_ILSVRC_16_layers.caffemodel"
     st = folder / "vgg16.safetensors"
     if not caffemodel.exists() or not st.exists():
-        from verydeep.bench.run import random_model
-        from verydeep.formats.caffe import read_prototxt, write_caffemodel
-        from verydeep.hub.weights import save_safetensors
-
         model = random_model("D")
         blobs = {}
         for s in model.specs:
@@ -145,9 +150,8 @@ def main() -> int:
             "page_cache": "warm (files just written or read)",
         },
     }
-    src = str(ROOT / "src")
     report["caffemodel_verydeep"] = summarize(
-        [child(CAFFE.format(src=src, model=str(caffemodel))) for _ in range(args.repeats)], weights_mb
+        [child(LOADER.format(model=str(caffemodel), **CAFFE)) for _ in range(args.repeats)], weights_mb
     )
     try:
         report["caffemodel_opencv"] = summarize(
@@ -157,10 +161,8 @@ def main() -> int:
     except Exception as e:  # OpenCV missing or failing: the verydeep numbers still stand
         report["caffemodel_opencv"] = {"error": str(e)[-300:]}
     report["safetensors_verydeep"] = summarize(
-        [child(SAFETENSORS.format(src=src, model=str(st))) for _ in range(args.repeats)], weights_mb
+        [child(LOADER.format(model=str(st), **SAFETENSORS)) for _ in range(args.repeats)], weights_mb
     )
-    from verydeep.bench.run import emit_report
-
     emit_report(report, args.out)
     return 0
 

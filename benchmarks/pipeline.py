@@ -26,11 +26,11 @@ import time
 from functools import partial
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
+
+from verydeep.bench import emit_report
 
 
 def make_images(folder: Path, n: int) -> list[str]:
@@ -71,7 +71,7 @@ def main() -> int:
 
     from verydeep.data.images import ImageDataset, collate_skipping
     from verydeep.data.preprocess import center_crop_caffe, open_image, to_uint8_chw
-    from verydeep.evaluate.protocols import RescaleToScales
+    from verydeep.evaluate import RescaleToScales
 
     torch.set_num_threads(1)  # one core: per-core rates
     paths = make_images(Path(args.dir), args.images)
@@ -104,7 +104,7 @@ def main() -> int:
             next(it)  # workers started and warm
             t0 = time.perf_counter()
             count = 32
-            for idx, batch, failed in it:
+            for idx, _batch, _failed in it:
                 count += len(idx)
             dt = time.perf_counter() - t0
             n = count - 32
@@ -113,8 +113,6 @@ def main() -> int:
                 "per_worker": round(n / dt / max(w, 1), 1),
             }
     report["dataloader"] = loaders
-    from verydeep.bench.run import emit_report
-
     emit_report(report, args.out)
     return 0
 

@@ -5,6 +5,7 @@ python benchmarks/summarize.py benchmarks/results/cpu_*.json
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -31,8 +32,16 @@ def table(report: dict) -> str:
     return head + "\n\n" + "\n".join(rows)
 
 
-if __name__ == "__main__":
-    for path in sys.argv[1:]:
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("reports", nargs="+", metavar="REPORT.json", help="verydeep bench --json reports")
+    for path in ap.parse_args().reports:
         print(f"### {path}\n")
-        print(table(json.load(open(path))))
+        with open(path) as f:
+            print(table(json.load(f)))
         print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

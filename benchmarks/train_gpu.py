@@ -8,8 +8,8 @@ memory (torch.cuda.max_memory_allocated), the loss of the first and last logged 
 device name, the torch version; plus, for comparison, images/s of the same net and step on a
 batch already on the GPU (no data loading), which shows whether the loader keeps up.
 
-    PYTHONPATH=src python3 benchmarks/train_gpu.py              # on a CUDA machine (< 3 min on an H100)
-    PYTHONPATH=src python3 benchmarks/train_gpu.py --smoke      # anywhere: tiny net, 2 steps, CPU ok
+    python3 benchmarks/train_gpu.py              # on a CUDA machine (< 3 min on an H100)
+    python3 benchmarks/train_gpu.py --smoke      # anywhere: tiny net, 2 steps, CPU ok
 
 The images are random smooth colour fields in 10 class folders (labels carry no signal), so
 the loss only shows that training runs and stays finite, not that it learns.
@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from verydeep.core.defaults import default_device
 
 
 def _write_images(job: tuple[str, int, int, int, int]) -> None:
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.smoke:
         a.width, a.batch, a.warmup, a.steps, a.image_height = 1 / 32, 4, 1, 2, 256
         a.workers = 2 if a.workers is None else a.workers
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(default_device(a.device))
     if device.type != "cuda" and not a.smoke:
         print("train_gpu.py: no CUDA device; run with --smoke to check the script on a CPU", file=sys.stderr)
         return 2
@@ -140,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         result = job.run()
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         # The same net, optimiser and step, without the data pipeline.
-        model_only = compute_only(job.model, job.optimizer, a.micro_batch or a.batch, 224, job.model.num_classes, device,
-                                  PRECISION[a.precision], True, 3 if not a.smoke else 1, a.steps)  # fmt: skip
+        model_only = compute_only(job.model, job.optimizer, a.micro_batch or a.batch, 224, job.model.num_classes,
+                                  device, PRECISION[a.precision], True, 3 if not a.smoke else 1, a.steps)  # fmt: skip
     finally:
         job.close()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -161,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         "peak_gpu_memory_bytes": peak,
         "peak_gpu_memory_gib": round(peak / 2**30, 2) if peak is not None else None,
         "loss_first": windows[0]["loss"], "loss_first_steps": f"1-{windows[0]['step']}",
-        "loss_last": windows[-1]["loss"], "loss_last_steps": f"{windows[-2]['step'] + 1 if len(windows) > 1 else 1}-{windows[-1]['step']}",
+        "loss_last": windows[-1]["loss"],
+        "loss_last_steps": f"{windows[-2]['step'] + 1 if len(windows) > 1 else 1}-{windows[-1]['step']}",
         "run_elapsed_s": round(result.elapsed_s, 1), "images_generated_s": round(generated_s, 1),
     }  # fmt: skip
     print(json.dumps(report, indent=2))

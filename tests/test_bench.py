@@ -4,14 +4,35 @@ No timing assertions (the machine may be busy); only that numbers are positive a
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from helpers import random_vgg
 
-from verydeep import configs
-from verydeep.bench.run import dense_flops, format_report, random_model, run_bench, torchvision_twin
+from verydeep.bench import BenchOptions, dense_flops, format_report, random_model, run_bench, torchvision_twin
 from verydeep.cli import main
+
+#: Table 1: 3x3 convolutions per stage; the stages have 64, 128, 256, 512 and 512 channels.
+CONVS_PER_STAGE = {"A": (1, 1, 2, 2, 2), "D": (2, 2, 3, 3, 3), "E": (2, 2, 4, 4, 4)}
+#: Multiply-adds of the classic net at 224x224 with 1000 classes (VGG-11, VGG-16, VGG-19).
+MULTIPLY_ADDS_224 = {"A": 7_609_090_048, "D": 15_470_264_320, "E": 19_632_062_464}
+
+
+def multiply_adds(config: str, height: int, width: int, narrow: int = 1, classes: int = 1000) -> int:
+    """The paper's nets counted by hand: 3x3 convolutions at each stage's size (Caffe's pooling
+    rounds up: ceil(h / 2)), then fc6 (7x7 over pool5), fc7 and fc8 at every 7x7 window of pool5.
+    ``narrow`` divides every channel count (width 1/narrow)."""
+    total, channels = 0, 3
+    for out, convs in zip((64, 128, 256, 512, 512), CONVS_PER_STAGE[config]):
+        for _ in range(convs):
+            total += height * width * channels * (out // narrow) * 9
+            channels = out // narrow
+        height, width = math.ceil(height / 2), math.ceil(width / 2)
+    fc = 4096 // narrow
+    windows = (height - 6) * (width - 6)
+    return windows * (channels * 49 * fc + fc * fc + fc * classes) + total
+
 
 FIELDS = {
     "view",
@@ -37,7 +58,7 @@ FIELDS = {
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def report():
     return run_bench(
         arch="D",
         width=1 / 16,
@@ -100,7 +121,7 @@ def test_fields_and_consistency(report):
     m = report["machine"]
     assert m["cpu"] and m["cores"] >= 1 and m["torch"] == torch.__version__ and m["torch_threads"] >= 1
     gflop = report["model"]["gflop_per_image_224"]
-    assert gflop == pytest.approx(2 * configs.multiply_adds("D", 224, 1 / 16, 10) / 1e9, rel=1e-3)
+    assert gflop == pytest.approx(2 * multiply_adds("D", 224, 224, narrow=16, classes=10) / 1e9, rel=1e-3)
     assert report["results"]
     for r in report["results"]:
         assert FIELDS <= set(r), set(FIELDS) - set(r)
@@ -111,11 +132,7 @@ def test_fields_and_consistency(report):
         assert r["peak_rss_mb"] > 0 and r["call_mb"] >= 0
         assert r["speedup"] > 0
         assert 0 <= r["rel_error"] and 0 <= r["top1_agreement"] <= 1
-        flops = (
-            2 * configs.multiply_adds("D", 224, 1 / 16, 10)
-            if r["view"] == "classic"
-            else dense_flops("D", r["height"], r["width"], 1 / 16, 10)
-        )
+        flops = 2 * multiply_adds("D", r["height"], r["width"], narrow=16, classes=10)
         assert r["gflops"] == pytest.approx(flops * r["images_per_s"] / 1e9, rel=0.05, abs=0.2)
 
 
@@ -161,9 +178,18 @@ def test_random_model_keeps_scale():
     assert y.abs().max() > 1e-3  # He init: the signal survives 16 layers
 
 
-def test_dense_flops_at_224_equals_classic():
-    for config in ("A", "D", "E"):
-        assert dense_flops(config, 224, 224) == 2 * configs.multiply_adds(config)
+def test_hand_count_is_the_published_one():
+    for config, count in MULTIPLY_ADDS_224.items():
+        assert multiply_adds(config, 224, 224) == count
+
+
+def test_dense_flops():
+    for config, count in MULTIPLY_ADDS_224.items():
+        assert dense_flops(config, 224, 224) == 2 * count  # one window: the classic net
+    # 384x512: pool5 12x16, fc6 at 6x10 windows; 300x419: round-up pooling gives pool5 10x14
+    for h, w in ((384, 512), (300, 419)):
+        assert dense_flops("D", h, w) == 2 * multiply_adds("D", h, w)
+    assert dense_flops("D", 256, 341, 1 / 16, 10) == 2 * multiply_adds("D", 256, 341, narrow=16, classes=10)
 
 
 def test_bad_arguments():
@@ -175,6 +201,8 @@ def test_bad_arguments():
         run_bench(width=1 / 16, precisions=("int4",), repeats=1)
     with pytest.raises(VerydeepError, match="Q >= 224"):
         run_bench(width=1 / 16, dense=200, repeats=1, baselines=())
+    with pytest.raises(VerydeepError, match="--repeats and --batch must be at least 1"):
+        BenchOptions(batches=(0,))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -334,7 +334,7 @@ def test_vgg_matches_opencv_classic_and_dense(config, version, tmp_path):
     blobs = random_blobs(net)
     prototxt, caffemodel = tmp_path / "deploy.prototxt", tmp_path / "w.caffemodel"
     write_prototxt(net, prototxt, version)
-    write_caffemodel(caffemodel, blobs, net, version)
+    write_caffemodel(caffemodel, blobs, net, version=version)
     x = np.random.default_rng(1).normal(0, 50, (2, 3, 224, 224)).astype(np.float32)  # pixel-like scale
     (fc8,) = opencv_forward(prototxt, caffemodel, x, ["fc8"])
     graph = CaffeGraph.from_files(str(prototxt), str(caffemodel))
@@ -355,7 +355,7 @@ def test_vgg_matches_opencv_classic_and_dense(config, version, tmp_path):
         for name, attr in dense_graph.param_layers.items()
     }
     write_prototxt(dense, prototxt, version)
-    write_caffemodel(caffemodel, dense_blobs, dense, version)
+    write_caffemodel(caffemodel, dense_blobs, dense, version=version)
     xd = np.random.default_rng(2).normal(0, 50, (1, 3, 300, 419)).astype(np.float32)
     (scores,) = opencv_forward(prototxt, caffemodel, xd, ["fc8"])
     with torch.no_grad():

@@ -15,20 +15,12 @@ from PIL import Image
 from verydeep.cli import main
 from verydeep.core import distributed
 from verydeep.data.eval_set import open_eval_set
-from verydeep.data.preprocess import MEAN_BGR
+from verydeep.data.preprocess import MEAN_BGR, rescale
 from verydeep.errors import VerydeepError
-from verydeep.evaluate.protocols import (
-    Protocol,
-    Scorer,
-    chunks_of,
-    combine,
-    crop_boxes,
-    evaluate,
-    grid_offsets,
-    load_scores,
-    rescale,
-    save_scores,
-)
+from verydeep.evaluate.protocols import Protocol, crop_boxes, grid_offsets
+from verydeep.evaluate.results import combine, load_scores, save_scores
+from verydeep.evaluate.run import chunks_of, evaluate
+from verydeep.evaluate.scoring import Scorer
 
 CROP = 224
 

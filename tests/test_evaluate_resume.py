@@ -13,7 +13,7 @@ import torch
 from helpers import photo
 
 from verydeep.cli import main
-from verydeep.evaluate.protocols import EXIT_AFTER_ENV
+from verydeep.evaluate.run import EXIT_AFTER_ENV
 
 PY = sys.executable
 

@@ -18,7 +18,12 @@ from verydeep.data.preprocess import MEAN_BGR
 from verydeep.errors import WeightsError
 from verydeep.formats.input_space import TORCHVISION_MEAN, TORCHVISION_STD, fold_input, to_space, unfold_input
 from verydeep.formats.keras import load_keras, load_keras_h5
-from verydeep.formats.torchvision import load_torchvision, load_torchvision_state, to_torchvision_state, torchvision_model
+from verydeep.formats.torchvision import (
+    load_torchvision,
+    load_torchvision_state,
+    to_torchvision_state,
+    torchvision_model,
+)
 
 WIDTH = 1 / 16
 

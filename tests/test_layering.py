@@ -24,7 +24,7 @@ ORDER: list[tuple[str, ...]] = [
     ("models",),
     ("formats",),
     ("hub",),
-    ("evaluate", "extract", "train", "bench", "explain"),
+    ("evaluate", "extract", "train", "bench"),
     ("cli",),
 ]
 #: The public façade and the ``python -m verydeep`` entry point sit above everything.

@@ -13,10 +13,10 @@ import torch
 from helpers import Server, random_vgg
 
 import verydeep
+from verydeep import hub
 from verydeep.cli import main
 from verydeep.errors import WeightsError
 from verydeep.formats.caffe import vgg_net, write_caffemodel
-from verydeep import hub
 from verydeep.formats.safetensors import read_metadata
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from verydeep.cli.common import add_json_option, print_json
+from verydeep.cli.common import add_command, add_json_option, print_json
+from verydeep.core.defaults import PRECISIONS
 
 EXAMPLES = """examples:
   verydeep bench                                   # VGG-16, random weights: batch 1 and 16, fp32 and bf16, dense Q=384
@@ -23,14 +24,23 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+#: BenchOptions field -> the command-line option it comes from (the same name but for two).
+SAME_NAME = ("weights", "prototxt", "arch", "width", "num_classes", "repeats", "warmup", "baselines", "device")
+FROM_ARGS = {
+    **{name: name for name in (*SAME_NAME, "threads", "compile")},
+    "batches": "batch",
+    "precisions": "precision",
+}
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "bench",
         help="measure inference speed of the fast path against torchvision / onnxruntime / OpenCV",
         description="Images/s, latency, peak memory and fidelity of model.optimized() per precision, "
         "against torchvision's eager fp32 VGG in the same process (and onnxruntime / OpenCV when installed).",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=EXAMPLES,
     )
     p.add_argument(
         "--weights",
@@ -49,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--precision",
         nargs="+",
-        choices=("fp32", "bf16", "fp16"),
+        choices=tuple(PRECISIONS),
         default=["fp32", "bf16"],
         help="fast-path precisions to measure (default: fp32 bf16)",
     )
@@ -80,29 +90,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from verydeep.bench.run import format_report, run_bench
+    from verydeep.bench import BenchOptions, format_report, run_bench
 
     def progress(msg: str) -> None:
         if not args.quiet:
             print(f"bench: {msg}", file=sys.stderr, flush=True)
 
-    report = run_bench(
-        weights=args.weights,
-        prototxt=args.prototxt,
-        arch=args.arch,
-        width=args.width,
-        num_classes=args.num_classes,
-        batches=args.batch,
-        precisions=args.precision,
-        dense=args.dense or None,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        baselines=args.baselines,
-        device=args.device,
-        threads=args.threads,
-        compile=args.compile,
-        progress=progress,
+    options = BenchOptions(
+        dense=args.dense or None, **{field: getattr(args, dest) for field, dest in FROM_ARGS.items()}
     )
+    report = run_bench(options, progress=progress)
     if args.json:
         print_json(report)
     else:

@@ -5,14 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from verydeep.cli.common import (
-    add_device_options,
-    add_json_option,
-    add_weights_options,
-    print_json,
-    resolve_device,
-    table,
-)
+from verydeep.cli.common import add_command, add_json_option, add_model_options, print_json
 
 EXAMPLES = """examples:
   verydeep classify cat.jpg
@@ -22,25 +15,21 @@ EXAMPLES = """examples:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "classify",
-        help="top-k ImageNet classes for images",
-        description="Shorter side to 256, central 224x224 crop, BGR, mean pixel subtracted; soft-max of fc8.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    what = "Shorter side to 256, central 224x224 crop, BGR, mean pixel subtracted; soft-max of fc8."
+    p = add_command(sub, "classify", help="top-k ImageNet classes for images", description=what, examples=EXAMPLES)
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    add_weights_options(p)
+    add_model_options(p)
     p.add_argument("--top", type=int, default=5, help="classes per image (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16)
-    add_device_options(p)
     add_json_option(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from verydeep.core.defaults import default_device
+    from verydeep.core.tables import format_table
     from verydeep.evaluate.classify import classify_files
-    from verydeep.hub.weights import load
+    from verydeep.hub.loader import load
 
     model = load(args.weights, args.prototxt)
     results, errors = classify_files(
@@ -48,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
         args.images,
         top=args.top,
         batch_size=args.batch_size,
-        device=resolve_device(args.device),
+        device=default_device(args.device),
         precision=args.precision,
     )
     if args.json:
@@ -56,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         for r in results:
             rows = [[p["index"], p["label"], f"{p['probability']:.4f}"] for p in r["predictions"]]
-            print(f"{r['image']}:\n" + table(rows, ["class", "label", "probability"]) + "\n")
+            print(f"{r['image']}:\n" + format_table(rows, ["class", "label", "probability"]) + "\n")
     for e in errors:
         print(f"verydeep classify: error: {e}", file=sys.stderr)
     return 1 if errors else 0

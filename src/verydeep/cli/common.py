@@ -12,8 +12,10 @@ from verydeep.core.defaults import default_device as resolve_device
 from verydeep.core.tables import format_table as table
 
 __all__ = [
+    "add_command",
     "add_device_options",
     "add_json_option",
+    "add_model_options",
     "add_weights_options",
     "print_json",
     "print_skipped",
@@ -22,7 +24,18 @@ __all__ = [
 ]
 
 
-def add_weights_options(p: argparse.ArgumentParser, default: str | None = "vgg16") -> None:
+def add_command(
+    sub: argparse._SubParsersAction, name: str, *, help: str, examples: str, **kwargs: Any
+) -> argparse.ArgumentParser:
+    """Register subcommand ``name``: ``help`` is its line in ``verydeep --help``; ``examples`` are
+    printed after its options as written (argparse would re-wrap them)."""
+    kwargs.setdefault("description", help[:1].upper() + help[1:] + ".")
+    return sub.add_parser(
+        name, help=help, epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs
+    )
+
+
+def add_weights_options(p: argparse._ActionsContainer, default: str | None = "vgg16") -> None:
     p.add_argument(
         "--weights",
         default=default,
@@ -32,7 +45,7 @@ def add_weights_options(p: argparse.ArgumentParser, default: str | None = "vgg16
     p.add_argument("--prototxt", metavar="PATH", help="deploy prototxt for a caffemodel whose net is not a known VGG")
 
 
-def add_device_options(p: argparse.ArgumentParser, precision_default: str = "fp32") -> None:
+def add_device_options(p: argparse._ActionsContainer, precision_default: str = "fp32") -> None:
     p.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1); default: cuda if available")
     p.add_argument(
         "--precision",
@@ -42,7 +55,13 @@ def add_device_options(p: argparse.ArgumentParser, precision_default: str = "fp3
     )
 
 
-def add_json_option(p: argparse.ArgumentParser) -> None:
+def add_model_options(p: argparse._ActionsContainer, precision_default: str = "fp32") -> None:
+    """The options of every command that runs a model: which weights, on which device, how precise."""
+    add_weights_options(p)
+    add_device_options(p, precision_default)
+
+
+def add_json_option(p: argparse._ActionsContainer) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from verydeep.cli.common import add_command
+
 EXAMPLES = """examples:
   verydeep convert VGG_ILSVRC_16_layers.caffemodel -o vgg16.safetensors
   verydeep convert my_finetuned.caffemodel --prototxt deploy.prototxt -o mine.safetensors
@@ -11,12 +13,7 @@ EXAMPLES = """examples:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "convert",
-        help="convert a caffemodel (or .pth/.h5) to a safetensors file",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "convert", help="convert a caffemodel (or .pth/.h5) to a safetensors file", examples=EXAMPLES)
     p.add_argument("input", metavar="IN")
     p.add_argument("--prototxt", metavar="PATH")
     p.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
@@ -24,9 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from verydeep.formats.safetensors import save_safetensors
     from verydeep.hub.download import file_digest
     from verydeep.hub.loader import load
-    from verydeep.formats.safetensors import save_safetensors
 
     model = load(args.input, args.prototxt)
     save_safetensors(model, args.output, source=str(args.input), source_sha256=file_digest(args.input))

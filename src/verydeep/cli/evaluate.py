@@ -5,14 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from verydeep.cli.common import (
-    add_device_options,
-    add_json_option,
-    add_weights_options,
-    print_json,
-    print_skipped,
-    table,
-)
+from verydeep.cli.common import add_command, add_json_option, add_model_options, print_json, print_skipped
 
 EPILOG = """\
 examples:
@@ -34,94 +27,66 @@ examples:
 """
 
 
-def add_parser(sub: Any) -> None:
-    from verydeep.data.eval_set import LAYOUTS
-    from verydeep.evaluate.protocols import DENSE_AVERAGES, GRIDS, INTERPOLATIONS, PROTOCOLS
+#: Options handed to :class:`~verydeep.evaluate.protocols.Protocol` and to
+#: :func:`~verydeep.evaluate.run.evaluate` as they are (same names).
+PROTOCOL_OPTIONS = "interpolation grid grid_size dense_average".split()
+RUN_OPTIONS = "precision batch_size max_batch workers scores resume checkpoint_every".split()
 
-    p = sub.add_parser(
+
+def add_parser(sub: Any) -> None:
+    from verydeep.data.choices import INTERPOLATIONS, LAYOUTS
+    from verydeep.evaluate.protocols import DENSE_AVERAGES, GRIDS, PROTOCOLS
+
+    p = add_command(
+        sub,
         "evaluate",
         help="top-1/top-5 error under the paper's test protocols (center, multi-crop, dense, combined)",
         description="Evaluate a model on a labelled image set with the test protocols of the paper "
         "(Sec. 3.2), at one or several test scales Q; or fuse saved runs with --combine.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=EPILOG,
     )
-    p.add_argument(
-        "data", nargs="?", metavar="DATA", help="folder of images (ImageFolder val/<wnid>/*, or flat with --labels)"
-    )
+    folder = "folder of images (ImageFolder val/<wnid>/*, or flat with --labels)"
+    p.add_argument("data", nargs="?", metavar="DATA", help=folder)
+
     g = p.add_argument_group("data")
-    g.add_argument(
-        "--labels", metavar="FILE", help="Caffe list (name label), devkit ground truth, or LOC_val_solution.csv"
-    )
+    labels = "Caffe list (name label), devkit ground truth, or LOC_val_solution.csv"
+    g.add_argument("--labels", metavar="FILE", help=labels)
     g.add_argument("--layout", choices=LAYOUTS, default="auto", help="data layout (default: detected)")
     g.add_argument("--meta", metavar="MAT", help="the devkit's meta.mat (default: next to the ground-truth file)")
-    g.add_argument(
-        "--synsets",
-        metavar="FILE",
-        help="class list fixing the class order (LOC_synset_mapping.txt, synset_words.txt, meta.mat)",
-    )
+    synsets = "class list fixing the class order (LOC_synset_mapping.txt, synset_words.txt, meta.mat)"
+    g.add_argument("--synsets", metavar="FILE", help=synsets)
     g.add_argument("--limit", type=int, metavar="N", help="evaluate N images spread evenly over the set")
+
     g = p.add_argument_group("protocol")
     g.add_argument("--protocol", choices=PROTOCOLS, default="dense", help="test protocol (default: %(default)s)")
-    g.add_argument(
-        "--scales",
-        type=int,
-        nargs="+",
-        metavar="Q",
-        help="test scales Q, shorter side (default: 256 for center, else 256 384 512)",
-    )
+    scales = "test scales Q, shorter side (default: 256 for center, else 256 384 512)"
+    g.add_argument("--scales", type=int, nargs="+", metavar="Q", help=scales)
     g.add_argument("--no-flip", action="store_true", help="do not add horizontally flipped images/crops")
-    g.add_argument(
-        "--interpolation",
-        choices=tuple(INTERPOLATIONS),
-        default="bilinear",
-        help="rescaling (default: %(default)s, antialiased)",
-    )
-    g.add_argument(
-        "--grid", choices=GRIDS, default="span", help="multi-crop placement (default: %(default)s: corners to corners)"
-    )
+    rescaling = "rescaling (default: %(default)s, antialiased)"
+    g.add_argument("--interpolation", choices=INTERPOLATIONS, default="bilinear", help=rescaling)
+    placement = "multi-crop placement (default: %(default)s: corners to corners)"
+    g.add_argument("--grid", choices=GRIDS, default="span", help=placement)
     g.add_argument("--grid-size", type=int, default=5, metavar="N", help="multi-crop grid N x N (default: %(default)s)")
-    g.add_argument(
-        "--dense-average",
-        choices=DENSE_AVERAGES,
-        default="scores",
-        help="average the class score map before the soft-max (scores, the paper) or after (default: %(default)s)",
-    )
+    average = "average the class score map before the soft-max (scores, the paper) or after (default: %(default)s)"
+    g.add_argument("--dense-average", choices=DENSE_AVERAGES, default="scores", help=average)
+
     g = p.add_argument_group("model and device")
-    add_weights_options(g)
-    add_device_options(g)
+    add_model_options(g)
     g.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per batch (default: %(default)s)")
-    g.add_argument(
-        "--max-batch",
-        type=int,
-        default=128,
-        metavar="N",
-        help="most 224x224 crops (or as many pixels) per forward pass (default: %(default)s)",
-    )
-    g.add_argument(
-        "--workers",
-        type=int,
-        metavar="N",
-        help="decoding processes (default: min(8, CPUs); 0 decodes in the main process)",
-    )
+    crops = "most 224x224 crops (or as many pixels) per forward pass (default: %(default)s)"
+    g.add_argument("--max-batch", type=int, default=128, metavar="N", help=crops)
+    workers = "decoding processes (default: CPUs, at most 8; 0 decodes in the main process)"
+    g.add_argument("--workers", type=int, metavar="N", help=workers)
+
     g = p.add_argument_group("results")
-    g.add_argument(
-        "--scores",
-        metavar="OUT.npz",
-        help="write per-image soft-max, labels and ids (partial results go to OUT.npz.parts/)",
-    )
+    scores = "write per-image soft-max, labels and ids (partial results go to OUT.npz.parts/)"
+    g.add_argument("--scores", metavar="OUT.npz", help=scores)
     g.add_argument("--resume", action="store_true", help="continue the run whose partial results are next to --scores")
-    g.add_argument(
-        "--checkpoint-every",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="flush partial results this often (default: %(default)s)",
-    )
+    flush = "flush partial results this often (default: %(default)s)"
+    g.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS", help=flush)
     g.add_argument("--predictions", metavar="OUT.csv", help="write each image's top-5 classes")
-    g.add_argument(
-        "--combine", nargs="+", metavar="NPZ", help="fuse saved runs (average their soft-max) instead of evaluating"
-    )
+    fuse = "fuse saved runs (average their soft-max) instead of evaluating"
+    g.add_argument("--combine", nargs="+", metavar="NPZ", help=fuse)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_json_option(g)
     p.set_defaults(run=run)
@@ -130,7 +95,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from verydeep.core import distributed
     from verydeep.errors import VerydeepError
-    from verydeep.evaluate.protocols import combine, save_scores, write_predictions
+    from verydeep.evaluate.results import combine, save_scores, write_predictions
 
     if args.combine:
         if args.data:
@@ -158,43 +123,22 @@ def run(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace, ctx: Any) -> tuple[Any, Any]:
     from verydeep.core import distributed
     from verydeep.data.eval_set import open_eval_set
-    from verydeep.evaluate.protocols import Protocol, evaluate
-    from verydeep.hub.weights import load
+    from verydeep.evaluate.protocols import Protocol
+    from verydeep.evaluate.run import evaluate
+    from verydeep.hub.loader import load
 
     device = distributed.device_for(ctx, args.device)
     data = open_eval_set(
         args.data, args.labels, layout=args.layout, meta=args.meta, synsets=args.synsets, limit=args.limit
     )
-    protocol = Protocol.make(
-        args.protocol,
-        args.scales,
-        flip=not args.no_flip,
-        interpolation=args.interpolation,
-        grid=args.grid,
-        grid_size=args.grid_size,
-        dense_average=args.dense_average,
-    )
-    # Rank 0 fetches/converts the weights into the cache first; the others then map the file.
-    if not ctx.is_main:
-        distributed.barrier(ctx)
-    model = load(args.weights, args.prototxt, device=device, progress=ctx.is_main)
-    if ctx.is_main:
-        distributed.barrier(ctx)
+    protocol_options = {name: getattr(args, name) for name in PROTOCOL_OPTIONS}
+    protocol = Protocol.make(args.protocol, args.scales, flip=not args.no_flip, **protocol_options)
+    with distributed.main_rank_first(ctx):  # rank 0 fills the weights cache; the others then read it
+        model = load(args.weights, args.prototxt, device=device, progress=ctx.is_main)
+    run_info = {"weights": str(args.weights), "data": str(args.data), "labels": args.labels}
+    options = {name: getattr(args, name) for name in RUN_OPTIONS}
     result = evaluate(
-        model,
-        data,
-        protocol,
-        device=device,
-        precision=args.precision,
-        batch_size=args.batch_size,
-        max_batch=args.max_batch,
-        workers=args.workers,
-        scores=args.scores,
-        resume=args.resume,
-        checkpoint_every=args.checkpoint_every,
-        progress=not args.no_progress,
-        ctx=ctx,
-        run_info={"weights": str(args.weights), "data": str(args.data), "labels": args.labels},
+        model, data, protocol, device=device, progress=not args.no_progress, ctx=ctx, run_info=run_info, **options
     )
     return result, getattr(model, "class_names", None)
 
@@ -204,6 +148,8 @@ def _fmt(value: float | None) -> str:
 
 
 def _report(args: argparse.Namespace, result: Any, names: Any) -> None:
+    from verydeep.core.tables import format_table
+
     summary = result.summary()
     unlabeled = result.labels is None
     if args.json:
@@ -219,7 +165,7 @@ def _report(args: argparse.Namespace, result: Any, names: Any) -> None:
             [p["id"], p["names"][0] if p.get("names") else p["top"][0], f"{p['probabilities'][0]:.4f}"]
             for p in result.predictions(1, names)
         ]
-        print(table(rows, ["image", "top-1", "probability"]))
+        print(format_table(rows, ["image", "top-1", "probability"]))
         print()
     row = [
         protocol.get("name", "?") + ("" if protocol.get("flip", True) else " (no flip)"),
@@ -245,5 +191,5 @@ def _report(args: argparse.Namespace, result: Any, names: Any) -> None:
         "wall s",
         "images/s",
     ]
-    print(table([row], header))
+    print(format_table([row], header))
     print_skipped([(x["id"], x["reason"]) for x in result.failed], "", "see --json or the scores file")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from verydeep.cli.common import add_json_option, print_json
+from verydeep.cli.common import add_command, add_json_option, print_json
 
 EXAMPLES = """examples:
   verydeep export vgg16 --format onnx -o vgg16.onnx
@@ -31,11 +31,11 @@ OPSET = 18
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "export",
         help="write weights for another runtime (onnx, torchvision, safetensors, caffe)",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=EXAMPLES,
     )
     p.add_argument("weights", metavar="WEIGHTS", help="registry name (vgg16, vgg19) or a weights file/URL")
     p.add_argument("--prototxt", metavar="PATH", help="deploy prototxt for a caffemodel whose net is not a known VGG")

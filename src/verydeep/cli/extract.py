@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from verydeep.cli.common import add_device_options, add_json_option, add_weights_options, print_json, print_skipped
+from verydeep.cli.common import add_command, add_json_option, add_model_options, print_json, print_skipped
 
 EXAMPLES = """examples:
   verydeep extract photos/ --layer fc7 -o fc7.npy
@@ -24,40 +24,36 @@ pass --layer relu7 to get what Caffe's extract_features gives for fc7.
 """
 
 
+#: ``--pool`` choices: the names of :data:`verydeep.extract.job.POOLS`, spelled here so ``--help``
+#: does not import torch.
+POOLINGS = ("none", "avg", "max")
+#: Options handed to :func:`verydeep.extract.job.extract` as they are (same names).
+FORWARDED = "pool batch_size workers size crop resume overwrite device precision chunk_size".split()
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "extract",
-        help="extract features (fc7, pool5, relu4_3, ...) of many images to .npy/.npz/.parquet/.h5",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    what = "extract features (fc7, pool5, relu4_3, ...) of many images to .npy/.npz/.parquet/.h5"
+    p = add_command(sub, "extract", help=what, examples=EXAMPLES)
     p.add_argument("data", metavar="DATA", help="folder, list file, or '-' (paths on stdin)")
     p.add_argument("--layer", action="append", required=True, metavar="NAME", help="Caffe layer name (repeatable)")
     p.add_argument(
         "--pool",
-        choices=("none", "avg", "max"),
+        choices=POOLINGS,
         default="none",
         help="reduce spatial maps to one vector per image (default: %(default)s)",
     )
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="OUT.npy (one layer), .npz, .parquet or .h5")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per batch (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=None, metavar="N", help="decoding processes (default: min(4, CPUs))")
+    p.add_argument("--workers", type=int, metavar="N", help="decoding processes (default: CPUs, at most 8)")
     p.add_argument(
         "--size", type=int, default=256, metavar="S", help="shorter side before cropping (default: %(default)s)"
     )
     p.add_argument("--crop", type=int, default=224, metavar="C", help="central crop (default: %(default)s)")
-    p.add_argument(
-        "--chunk-size",
-        type=int,
-        default=None,
-        metavar="N",
-        help="images per saved part (default: about 256 MiB of features)",
-    )
+    p.add_argument("--chunk-size", type=int, metavar="N", help="images per saved part (default: ~256 MiB of features)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same options")
     p.add_argument("--overwrite", action="store_true", help="replace OUT and any partial results")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_weights_options(p)
-    add_device_options(p)
+    add_model_options(p)
     add_json_option(p)
     p.set_defaults(run=run)
 
@@ -67,32 +63,17 @@ def run(args: argparse.Namespace) -> int:
     from verydeep.data.images import resolve_inputs
     from verydeep.errors import VerydeepError
     from verydeep.extract.job import extract
-    from verydeep.hub.weights import load
+    from verydeep.hub.loader import load
 
     if args.batch_size < 1:
         raise VerydeepError(f"--batch-size must be at least 1, found {args.batch_size}")
     ctx = distributed.init(args.device)
     try:
         inputs = resolve_inputs(args.data)
-        model = load(args.weights, args.prototxt)
-        result = extract(
-            model,
-            inputs,
-            args.layer,
-            args.output,
-            pool=args.pool,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            size=args.size,
-            crop=args.crop,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            device=args.device,
-            precision=args.precision,
-            chunk_size=args.chunk_size,
-            ctx=ctx,
-            progress=not args.no_progress,
-        )
+        with distributed.main_rank_first(ctx):  # rank 0 fills the weights cache; the others then read it
+            model = load(args.weights, args.prototxt, progress=ctx.is_main)
+        options = {name: getattr(args, name) for name in FORWARDED}
+        result = extract(model, inputs, args.layer, args.output, ctx=ctx, progress=not args.no_progress, **options)
     finally:
         distributed.finish(ctx)
     if result is None:  # not rank 0

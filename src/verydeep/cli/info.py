@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from verydeep.cli.common import add_json_option, print_json, table
+from verydeep.cli.common import add_command, add_json_option, print_json, table
 
 EXAMPLES = """examples:
   verydeep info VGG_ILSVRC_16_layers_deploy.prototxt
@@ -14,11 +14,8 @@ EXAMPLES = """examples:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "info",
-        help="describe a prototxt, caffemodel, safetensors file or registry model",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = add_command(
+        sub, "info", help="describe a prototxt, caffemodel, safetensors file or registry model", examples=EXAMPLES
     )
     p.add_argument("path", metavar="PATH", help="deploy prototxt, weights file, or registry name")
     p.add_argument("--prototxt", metavar="PATH", help="deploy prototxt for a caffemodel that is not a known VGG")

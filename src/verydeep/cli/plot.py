@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from verydeep.cli.common import add_command
+
 EPILOG = """\
 examples:
   verydeep plot runs/vgg16                      # writes runs/vgg16/curves.png
@@ -13,20 +15,15 @@ examples:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "plot",
-        help="plot a training run's curves (loss, accuracy, learning rate) to a PNG",
-        description="Plot the metrics of a `verydeep train` run folder (or its metrics file) to a PNG.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    what = "plot a training run's curves (loss, accuracy, learning rate) to a PNG"
+    p = add_command(sub, "plot", help=what, examples=EPILOG)
     p.add_argument("run_dir", metavar="RUN", help="run folder, or its metrics.jsonl / metrics.csv")
     p.add_argument("-o", "--out", metavar="PNG", help="output file (default RUN/curves.png)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from verydeep.train.curves import plot_run
+    from verydeep.train import plot_run
 
     print(plot_run(args.run_dir, args.out))
     return 0

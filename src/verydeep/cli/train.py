@@ -1,12 +1,14 @@
-"""``verydeep train``: parse options, call :func:`verydeep.train.trainer.train`."""
+"""``verydeep train``: parse options, call :func:`verydeep.train.train`."""
 
 from __future__ import annotations
 
 import argparse
 import os
 from dataclasses import asdict
+from typing import Any
 
-from verydeep.cli.common import print_json
+from verydeep.cli.common import add_command, print_json
+from verydeep.core.defaults import PRECISIONS
 
 EPILOG = """\
 The defaults are the paper's recipe: batch 256, SGD momentum 0.9, weight decay 5e-4, dropout 0.5
@@ -36,12 +38,12 @@ NOT_OPTIONS = {"command", "run", "debug", "config_file", "resume", "json"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = add_command(
+        sub,
         "train",
         help="train or fine-tune a VGG net with the paper's recipe",
         description="Train or fine-tune a VGG net (paper Sec. 3.1) on an ImageFolder; writes RUN_DIR.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        examples=EPILOG,
         argument_default=argparse.SUPPRESS,  # only flags given on the command line override the config file
     )
     p.add_argument("--config-file", metavar="F.toml", default=None, help="options as TOML (flags override it)")
@@ -113,7 +115,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--deterministic", action=argparse.BooleanOptionalAction, help="deterministic kernels (bit-exact resume on CPU)"
     )
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available; cuda:LOCAL_RANK under torchrun)")
-    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="autocast precision (default fp32)")
+    g.add_argument("--precision", choices=tuple(PRECISIONS), help="autocast precision (default fp32)")
     g.add_argument(
         "--channels-last", choices=("auto", "on", "off"), help="NHWC memory format (default auto: on for CUDA)"
     )
@@ -127,9 +129,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def overrides_from(args: argparse.Namespace) -> dict:
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig options given on the command line."""
-    from verydeep.train.finetune import parse_lr_mult
+    from verydeep.train import parse_lr_mult
 
     out = {k: v for k, v in vars(args).items() if k not in NOT_OPTIONS}
     if "lr_mult" in out:
@@ -138,7 +140,7 @@ def overrides_from(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from verydeep.train.trainer import prepare_config, train
+    from verydeep.train import prepare_config, train
 
     config = prepare_config(args.config_file, overrides_from(args), resume=args.resume)
     result = train(config, resume=args.resume)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from verydeep.cli.common import add_json_option, print_json, table
+from verydeep.cli.common import add_command, add_json_option, print_json, table
 
 EXAMPLES = """examples:
   verydeep weights list
@@ -17,12 +17,7 @@ environment:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "weights",
-        help="list, download or locate the official weights",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "weights", help="list, download or locate the official weights", examples=EXAMPLES)
     p.add_argument("action", nargs="?", default="list", choices=("list", "download", "path"))
     p.add_argument("name", nargs="?", help="registry name (vgg16, vgg19)")
     add_json_option(p)
@@ -31,8 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from verydeep.errors import VerydeepError
-    from verydeep.hub.registry import REGISTRY
     from verydeep.hub.cache import cached_path, describe_registry, fetch
+    from verydeep.hub.registry import REGISTRY
 
     if args.action == "list":
         rows = describe_registry()

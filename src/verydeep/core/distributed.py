@@ -80,7 +80,9 @@ def gather_objects(obj: Any, ctx: Context) -> list[Any] | None:
 
 
 def barrier(ctx: Context) -> None:
-    if ctx.distributed:
+    """Wait for every rank. A rank started on its own (a shard run by hand: a ``Context``
+    without a process group) has nobody to wait for."""
+    if ctx.distributed and dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 

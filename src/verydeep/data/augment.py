@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torchvision.transforms.v2 import functional as TF
 
-from verydeep.data.preprocess import rescale, to_caffe
+from verydeep.data.preprocess import center_crop, rescale, to_caffe
 
 #: Eigenvalues and eigenvectors (columns) of the covariance of ImageNet's RGB pixels on a 0..1
 #: scale, as published with fb.resnet.torch and used by most AlexNet-style lighting noise.
@@ -85,7 +84,7 @@ class ValTransform:
     crop: int = 224
 
     def __call__(self, image: torch.Tensor, epoch: int = 0, index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        x = TF.center_crop(rescale(image, self.scale), [self.crop, self.crop])
+        x = center_crop(rescale(image, self.scale), self.crop)
         return x.contiguous(), torch.zeros(3, dtype=torch.float32)
 
 

@@ -25,10 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from verydeep.data.choices import LAYOUTS
 from verydeep.data.images import IMAGE_SUFFIXES, find_images, resolve_inputs
 from verydeep.errors import VerydeepError
-
-LAYOUTS = ("auto", "imagefolder", "caffe", "devkit", "kaggle", "unlabeled")
 
 #: File names the devkit and Kaggle use; found next to the labels file when not given.
 DEVKIT_META = "meta.mat"
@@ -303,14 +302,14 @@ def open_eval_set(
     wnids = read_synsets(synsets) if synsets is not None and layout != "kaggle" else None
     if layout == "imagefolder":
         ds = read_imagefolder(root, wnids)
+    elif layout == "unlabeled" or labels is None:  # the layouts with a labels file have one (checked above)
+        ds = read_unlabeled(data)
     elif layout == "caffe":
         ds = read_caffe_list(labels, root, wnids)
     elif layout == "devkit":
         ds = read_devkit(labels, root, meta)
-    elif layout == "kaggle":
-        ds = read_kaggle(labels, root, synsets)
     else:
-        ds = read_unlabeled(data)
+        ds = read_kaggle(labels, root, synsets)
     ds = ds.spread(limit)
     if not any(p.exists() for p in ds.paths[:1000]):
         raise VerydeepError(

@@ -6,6 +6,7 @@ decode becomes a ``Failed`` record that the job counts, lists and reports, never
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from verydeep.core.defaults import default_workers
 from verydeep.data.preprocess import to_uint8_chw
 from verydeep.errors import ImageError, VerydeepError
 
@@ -61,13 +63,23 @@ def resolve_inputs(data: str | os.PathLike) -> list[Path]:
     raise VerydeepError(f"{p}: no such file or folder")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Failed:
     """An item that could not be read: its index in the input and why."""
 
     index: int
     path: str
     reason: str
+
+
+def failed_to_json(failed: Sequence[Failed]) -> str:
+    """``failed`` as JSON text, for the partial results of a resumable job."""
+    return json.dumps([[f.index, f.path, f.reason] for f in failed])
+
+
+def failed_from_json(text: str) -> list[Failed]:
+    """The records :func:`failed_to_json` wrote."""
+    return [Failed(int(i), str(p), str(r)) for i, p, r in json.loads(text)]
 
 
 def reason_of(error: Exception, path: str | os.PathLike) -> str:
@@ -115,8 +127,7 @@ def loader(
     pin_memory: bool = False,
 ) -> DataLoader:
     """A DataLoader over ``indices`` (default all) in order, decoding in worker processes."""
-    if workers is None:
-        workers = min(8, os.cpu_count() or 1)
+    workers = default_workers(workers)
     subset: Dataset = torch.utils.data.Subset(dataset, list(indices)) if indices is not None else dataset
     return DataLoader(
         subset,

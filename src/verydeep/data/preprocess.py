@@ -8,28 +8,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from typing import Union
+from typing import TypeAlias
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
 from verydeep.configs import CROP, MEAN_BGR
-from verydeep.errors import ImageError
+from verydeep.data.choices import INTERPOLATION_MODES
+from verydeep.errors import ImageError, VerydeepError
 
 #: Resize size of the seed's single-crop preprocessing (shorter side).
 RESIZE = 256
 
-ImageLike = Union[Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]
-
-#: Rescaling names -> torchvision's InterpolationMode member names. torchvision is imported where
-#: an image is first transformed, not at import: it costs ~1 s, which loading weights should not pay.
-_INTERPOLATION = {
-    "bilinear": "BILINEAR",
-    "bicubic": "BICUBIC",
-    "nearest": "NEAREST",
-    "lanczos": "LANCZOS",
-}
+ImageLike: TypeAlias = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
@@ -84,12 +76,28 @@ def to_uint8_chw(image: ImageLike) -> torch.Tensor:
 
 
 def rescale(image: torch.Tensor, size: int, interpolation: str = "bilinear") -> torch.Tensor:
-    """Isotropic rescale so the shorter side is ``size`` (the paper's S or Q)."""
+    """Isotropic rescale of a ...x3xHxW image so its shorter side is ``size`` (the paper's S or Q);
+    ``interpolation`` is a name of :data:`~verydeep.data.choices.INTERPOLATION_MODES`.
+
+    torchvision is imported here, where an image is first transformed, not at import: it costs
+    about a second, which loading weights should not pay.
+    """
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
 
-    mode = getattr(InterpolationMode, _INTERPOLATION[interpolation])
-    return TF.resize(image, [size], interpolation=mode, antialias=True)
+    if interpolation not in INTERPOLATION_MODES:
+        raise VerydeepError(
+            f"unknown interpolation {interpolation!r}; expected one of {', '.join(INTERPOLATION_MODES)}"
+        )
+    mode, antialias = INTERPOLATION_MODES[interpolation]
+    return TF.resize(image, [size], interpolation=getattr(InterpolationMode, mode), antialias=antialias)
+
+
+def center_crop(image: torch.Tensor, crop: int = CROP) -> torch.Tensor:
+    """The central ``crop`` x ``crop`` square of a ...xHxW image (torchvision's rounding)."""
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.center_crop(image, [crop, crop])
 
 
 def to_caffe(rgb: torch.Tensor) -> torch.Tensor:
@@ -112,10 +120,7 @@ def center_crop_caffe(
 ) -> torch.Tensor:
     """The seed's single-crop preprocessing of one image: shorter side to ``size``, central
     ``crop`` x ``crop``, to Caffe space. Returns 3 x crop x crop float32."""
-    rgb = rescale(to_uint8_chw(image), size, interpolation)
-    from torchvision.transforms.v2 import functional as TF
-
-    return to_caffe(TF.center_crop(rgb, [crop, crop]))
+    return to_caffe(center_crop(rescale(to_uint8_chw(image), size, interpolation), crop))
 
 
 def preprocess(

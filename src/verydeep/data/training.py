@@ -3,7 +3,7 @@
 The order of an epoch is a permutation drawn from (seed, epoch); step k of the epoch takes the
 global batch ``perm[k*B:(k+1)*B]``; each rank takes its contiguous share of it and cuts that
 into micro-batches for gradient accumulation. So the images of a step, and (with the
-per-image seeds of :mod:`verydeep.augment`) their crops, are the same for any number of
+per-image seeds of :mod:`verydeep.data.augment`) their crops, are the same for any number of
 ranks, accumulation steps or workers, and a resumed run knows where to restart from the step
 number alone. The last incomplete global batch of an epoch is dropped, as the paper's fixed
 batch of 256 implies.
@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from verydeep.core.distributed import Context
+from verydeep.core.distributed import Context, shard
 from verydeep.data.images import Failed, find_images, reason_of
 from verydeep.data.preprocess import to_uint8_chw
 from verydeep.errors import ImageError, VerydeepError
 
 
-@dataclass
+@dataclass(frozen=True)
 class ImageFolder:
     """``root/<class>/**/<image>``: class names are the sorted sub-folder names."""
 
@@ -57,7 +57,7 @@ def scan_image_folder(root: str | os.PathLike, classes: Sequence[str] | None = N
     return ImageFolder(root, names, samples)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Item:
     """One decoded, transformed training image."""
 
@@ -89,7 +89,7 @@ class LabelledImages(Dataset):
             return i, Failed(i, path, reason_of(e, path))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Batch:
     indices: list[int]
     crops: torch.Tensor  # uint8 N x 3 x c x c
@@ -175,8 +175,6 @@ def micro_batches(
 
 def val_batches(n: int, batch: int, ctx: Context) -> list[list[tuple[int, int]]]:
     """This rank's contiguous share of the validation set, in batches (every image once)."""
-    from verydeep.core.distributed import shard
-
     mine = list(shard(n, ctx))
     return [[(0, i) for i in mine[j : j + batch]] for j in range(0, len(mine), batch)]
 
@@ -194,7 +192,3 @@ def make_loader(
         prefetch_factor=4 if workers > 0 else None,
         persistent_workers=False,
     )
-
-
-def default_workers() -> int:
-    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from verydeep.data.preprocess import center_crop_caffe
-from verydeep.errors import ImageError
+from verydeep.errors import ImageError, VerydeepError
 
 
 def predict(
@@ -46,7 +46,7 @@ def classify_files(
     error line naming it, and the other images are still classified."""
     names = class_names if class_names is not None else getattr(model, "class_names", None)
     model = model.to(device).eval()
-    run = model if precision == "fp32" else model.optimized(precision=precision)
+    run = model if precision == "fp32" else _fast_path(model, precision)
     results: list[dict[str, Any]] = []
     errors: list[str] = []
     good: list[tuple[str, torch.Tensor]] = []
@@ -61,3 +61,12 @@ def classify_files(
         for (path, _), preds in zip(chunk, predict(run, batch, top, names)):
             results.append({"image": path, "predictions": preds})
     return results, errors
+
+
+def _fast_path(model: nn.Module, precision: str) -> nn.Module:
+    """The model's reduced-precision runtime (:mod:`verydeep.runtime`)."""
+    optimized = getattr(model, "optimized", None)
+    if not callable(optimized):
+        raise VerydeepError(f"precision {precision} needs a Table 1 VGG's fast path; found a {type(model).__name__}")
+    fast: nn.Module = optimized(precision=precision)
+    return fast

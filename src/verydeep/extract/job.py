@@ -1,31 +1,24 @@
 """Feature extraction for many images: batched, resumable, sharded under torchrun.
 
-The job is cut into *chunks* of consecutive input images. Each chunk's features are written to
-``OUT.parts/chunk-NNNNNNN.npz`` (atomically) as soon as it is done, so a killed run loses at
-most the chunk in flight and ``resume=True`` continues with the missing chunks. Under torchrun
-every rank takes a contiguous range of chunks (:func:`verydeep.core.distributed.shard`); rank 0 then
-merges all chunks in input order into ``OUT`` (streaming, one chunk in memory at a time) and
-removes the parts. Batches never straddle chunks, so the batches, and therefore the numbers,
-are the same whether a run was interrupted, resumed or sharded.
+The job is cut into *chunks* of consecutive input images. Each chunk's features go to the run's
+:class:`~verydeep.core.store.ChunkStore`, ``OUT.parts/chunk-NNNNNNN.npz`` (atomically), as soon
+as it is done, so a killed run loses at most the chunk in flight and ``resume=True`` continues
+with the missing chunks. Under torchrun every rank takes a contiguous range of chunks
+(:func:`verydeep.core.distributed.shard`); rank 0 then merges all chunks in input order into
+``OUT`` (streaming, one chunk in memory at a time, :mod:`.writers`) and removes the parts.
+Batches never straddle chunks, so the batches, and therefore the numbers, are the same whether
+a run was interrupted, resumed or sharded.
 
 An image that cannot be decoded is skipped: its row is absent (never a row of zeros), and it is
 listed in the result and in ``OUT.failed.tsv``.
-
-Output by suffix: ``.npy`` (one layer; the row order's paths in ``OUT.paths.txt``), ``.npz``
-(one array per layer plus ``path``), ``.parquet`` (a ``path`` column and one fixed-size-list
-column per layer, shapes in the schema metadata), ``.h5`` (a dataset per layer plus ``path``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import math
 import os
-import shutil
 import sys
-import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -38,9 +31,13 @@ from torch.utils.data import DataLoader
 
 from verydeep.configs import CROP
 from verydeep.core import distributed
-from verydeep.data.images import Failed, ImageDataset, collate_skipping
+from verydeep.core.atomic import write_text
+from verydeep.core.defaults import PRECISIONS, default_workers
+from verydeep.core.store import ChunkStore, model_fingerprint
+from verydeep.data.images import Failed, ImageDataset, collate_skipping, failed_from_json, failed_to_json
 from verydeep.data.preprocess import RESIZE, center_crop_caffe
 from verydeep.errors import VerydeepError
+from verydeep.extract.writers import WRITERS, Features, read_features, write_features
 
 #: Spatial pooling of 4-D taps (conv/relu/pool maps) to one vector per image.
 POOLS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -51,11 +48,11 @@ POOLS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 #: Size a chunk aims for when not given (features held in memory before writing).
 CHUNK_BYTES = 256 << 20
 MAX_CHUNK = 4096
-_PRECISION = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-_MANIFEST = "manifest.json"
+#: Keys of a stored chunk besides its layers: the rows' input positions, and the failures.
+_INDEX, _FAILED = "__index__", "__failed__"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExtractResult:
     output: str
     images: int  # inputs
@@ -78,13 +75,11 @@ class ExtractResult:
 
 
 # -- the job ------------------------------------------------------------------------------------
-
-
 def extract(
     model: Any,
-    inputs: Sequence[str | os.PathLike],
+    inputs: Sequence[str | os.PathLike[str]],
     layers: Sequence[str],
-    out: str | os.PathLike,
+    out: str | os.PathLike[str],
     *,
     pool: str = "none",
     batch_size: int = 32,
@@ -112,13 +107,15 @@ def extract(
     if not paths:
         raise VerydeepError("no input images")
     ctx = ctx or distributed.Context()
-    parts = _parts_dir(out)
-    if resume and out.exists() and not parts.exists():
+    store = parts_store(out)
+    if resume and out.exists() and not store.exists():
         return _finished(out, layers, len(paths))  # an earlier run completed: nothing to do
+    if out.exists() and not (resume or overwrite or store.exists()):
+        raise VerydeepError(f"{out}: exists; pass --overwrite to replace it")
     dev = torch.device(distributed.device_for(ctx, device))
     model = model.to(dev).eval()
     shapes = _row_shapes(model, layers, pool, crop, dev)
-    manifest = {
+    manifest: dict[str, Any] = {
         "version": 1,
         "inputs": len(paths),
         "inputs_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
@@ -127,40 +124,42 @@ def extract(
         "size": size,
         "crop": crop,
         "precision": precision,
-        "weights": _fingerprint(model),
+        "weights": model_fingerprint(model),
         "output": out.suffix.lower(),
         "chunk": chunk_size or _auto_chunk(shapes, batch_size),
     }
-    if ctx.is_main:
-        _prepare(out, parts, manifest, resume, overwrite)
-    _barrier(ctx)
-    manifest = _agree(parts, manifest)
-    chunk = manifest["chunk"]
+    # The chunk size of the earlier run wins: the chunks already written fix it.
+    manifest = store.begin(manifest, resume=resume, overwrite=overwrite, ctx=ctx, adopt=("chunk",))
+    chunk = int(manifest["chunk"])
     n_chunks = math.ceil(len(paths) / chunk)
-    mine = [k for k in distributed.shard(n_chunks, ctx) if not _chunk_path(parts, k).exists()]
-    reused = n_chunks - len(mine) if not ctx.distributed else 0
+    done = store.done()
+    mine = [k for k in distributed.shard(n_chunks, ctx) if k not in done]
     _run_chunks(
         model,
         paths,
         layers,
-        pool,
-        parts,
+        store,
         mine,
-        chunk,
-        batch_size,
-        workers,
-        size,
-        crop,
-        dev,
-        precision,
-        progress and ctx.is_main,
+        chunk=chunk,
+        batch_size=batch_size,
+        workers=default_workers(workers),
+        size=size,
+        crop=crop,
+        pool=pool,
+        dev=dev,
+        precision=precision,
+        progress=progress and ctx.is_main,
     )
-    _barrier(ctx)
+    store.synchronize(ctx)
     if not ctx.is_main:
         return None
-    result = merge(out, parts, paths, layers, shapes, n_chunks)
-    result.chunks_reused = reused
-    return result
+    reused = n_chunks - len(mine) if not ctx.distributed else 0
+    return merge(out, store, paths, layers, shapes, n_chunks=n_chunks, manifest=manifest, reused=reused)
+
+
+def parts_store(out: Path) -> ChunkStore:
+    """Where a run writing ``out`` keeps its chunks: ``OUT.parts/``."""
+    return ChunkStore(out.with_name(out.name + ".parts"), start_over="pass --overwrite to start over")
 
 
 def _check_request(model: Any, layers: list[str], out: Path, pool: str, precision: str) -> None:
@@ -178,16 +177,8 @@ def _check_request(model: Any, layers: list[str], out: Path, pool: str, precisio
         raise VerydeepError(f"{out}: a .npy file holds one layer, {len(layers)} requested; use .npz, .parquet or .h5")
     if pool not in POOLS:
         raise VerydeepError(f"unknown pooling {pool!r}; use {', '.join(POOLS)}")
-    if precision not in _PRECISION:
-        raise VerydeepError(f"unknown precision {precision!r}; use {', '.join(_PRECISION)}")
-
-
-def _parts_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".parts")
-
-
-def _chunk_path(parts: Path, k: int) -> Path:
-    return parts / f"chunk-{k:07d}.npz"
+    if precision not in PRECISIONS:
+        raise VerydeepError(f"unknown precision {precision!r}; use {', '.join(PRECISIONS)}")
 
 
 def _row_shapes(model: Any, layers: list[str], pool: str, crop: int, dev: torch.device) -> dict[str, tuple[int, ...]]:
@@ -206,82 +197,36 @@ def _auto_chunk(shapes: dict[str, tuple[int, ...]], batch_size: int) -> int:
     return max(batch_size, min(MAX_CHUNK, CHUNK_BYTES // max(1, per_image)))
 
 
-def _fingerprint(model: Any) -> str:
-    """A cheap identity of the weights: shapes and a strided sample of every tensor."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        flat = t.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)].to("cpu", torch.float32).numpy()
-        h.update(f"{name}{tuple(t.shape)}".encode())
-        h.update(sample.tobytes())
-    return h.hexdigest()[:16]
-
-
-def _prepare(out: Path, parts: Path, manifest: dict[str, Any], resume: bool, overwrite: bool) -> None:
-    if overwrite:
-        shutil.rmtree(parts, ignore_errors=True)
-    elif parts.exists() and not resume:
-        raise VerydeepError(
-            f"{parts}: an earlier run's partial results; pass --resume to continue or --overwrite to start over"
-        )
-    elif out.exists() and not resume:
-        raise VerydeepError(f"{out}: exists; pass --overwrite to replace it")
-    parts.mkdir(parents=True, exist_ok=True)
-    if not (parts / _MANIFEST).exists():
-        _atomic_write_text(parts / _MANIFEST, json.dumps(manifest, indent=1))
-
-
-def _agree(parts: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The run's manifest; a resumed run must ask for exactly what the earlier one did."""
-    path = parts / _MANIFEST
-    if not path.exists():  # a rank started on its own (no process group): it may create it
-        parts.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(path, json.dumps(manifest, indent=1))
-    found = json.loads(path.read_text())
-    for key, value in manifest.items():
-        if key != "chunk" and found.get(key) != value:
-            raise VerydeepError(
-                f"{path}: the earlier run used {key}={found.get(key)!r}, this one {value!r}; "
-                "use the same inputs and options to resume, or --overwrite to start over"
-            )
-    return found
-
-
-def _barrier(ctx: distributed.Context) -> None:
-    if ctx.distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
+# -- the loop -------------------------------------------------------------------------------------
 def _run_chunks(
     model: Any,
     paths: list[str],
     layers: list[str],
-    pool: str,
-    parts: Path,
-    chunks: list[int],
+    store: ChunkStore,
+    wanted: list[int],
+    *,
     chunk: int,
     batch_size: int,
-    workers: int | None,
+    workers: int,
     size: int,
     crop: int,
+    pool: str,
     dev: torch.device,
     precision: str,
     progress: bool,
 ) -> None:
-    """Compute and write the given chunks; batches are cut within each chunk."""
+    """Compute and write the chunks ``wanted``; batches are cut within each chunk."""
     from tqdm.auto import tqdm
 
     plan: list[tuple[int, bool]] = []  # (chunk, last batch of it) per batch
     batches: list[list[int]] = []
-    for k in chunks:
+    for k in wanted:
         idx = list(range(k * chunk, min(len(paths), (k + 1) * chunk)))
         cut = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
         batches += cut
         plan += [(k, i == len(cut) - 1) for i in range(len(cut))]
     if not batches:
         return
-    if workers is None:
-        workers = min(4, os.cpu_count() or 1)
     dataset = ImageDataset(paths, partial(center_crop_caffe, size=size, crop=crop))
     loader = DataLoader(
         dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_skipping, pin_memory=dev.type == "cuda"
@@ -310,38 +255,43 @@ def _run_chunks(
                 indices += idx
             bar.update(len(idx) + len(bad))
             if last:
-                _write_chunk(_chunk_path(parts, k), indices, feats, failed)
+                _write_chunk(store, k, indices, feats, failed)
                 indices, feats, failed = [], {t: [] for t in layers}, []
 
 
-def _write_chunk(path: Path, indices: list[int], feats: dict[str, list[np.ndarray]], failed: list[Failed]) -> None:
+def _write_chunk(
+    store: ChunkStore, k: int, indices: list[int], feats: dict[str, list[np.ndarray]], failed: list[Failed]
+) -> None:
     arrays = {t: np.concatenate(v) if v else np.zeros((0,), np.float32) for t, v in feats.items()}
-    arrays["__index__"] = np.asarray(indices, dtype=np.int64)
-    arrays["__failed__"] = np.asarray(json.dumps([[f.index, f.path, f.reason] for f in failed]))
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    arrays[_INDEX] = np.asarray(indices, dtype=np.int64)
+    arrays[_FAILED] = np.asarray(failed_to_json(failed))
+    store.write(k, arrays)
 
 
 # -- merging ------------------------------------------------------------------------------------
-
-
 def merge(
-    out: Path, parts: Path, paths: list[str], layers: list[str], shapes: dict[str, tuple[int, ...]], n_chunks: int
+    out: Path,
+    store: ChunkStore,
+    paths: list[str],
+    layers: list[str],
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    n_chunks: int,
+    manifest: dict[str, Any],
+    reused: int = 0,
 ) -> ExtractResult:
     """Write every chunk, in input order, into ``out``; remove the parts. Needs all chunks."""
-    missing = [k for k in range(n_chunks) if not _chunk_path(parts, k).exists()]
+    missing = store.missing(n_chunks)
     if missing:
         raise VerydeepError(
-            f"{_chunk_path(parts, missing[0])}: missing ({len(missing)} of {n_chunks} chunks); "
+            f"{store.path_of(missing[0])}: missing ({len(missing)} of {n_chunks} chunks); "
             "a rank did not finish: run the same command with --resume"
         )
     rows, failed = 0, []
     for k in range(n_chunks):
-        with np.load(_chunk_path(parts, k)) as z:
-            rows += len(z["__index__"])
-            failed += [Failed(*f) for f in json.loads(str(z["__failed__"]))]
+        z = store.read(k, (_INDEX, _FAILED))
+        rows += len(z[_INDEX])
+        failed += failed_from_json(str(z[_FAILED]))
     if rows == 0:
         raise VerydeepError(
             f"none of the {len(paths)} images could be read (first: {failed[0].path}: {failed[0].reason})"
@@ -349,26 +299,20 @@ def merge(
 
     def chunks(keys: Sequence[str]) -> Iterator[tuple[list[str], dict[str, np.ndarray]]]:
         for k in range(n_chunks):
-            with np.load(_chunk_path(parts, k)) as z:
-                idx = z["__index__"]
-                if len(idx):
-                    yield [paths[i] for i in idx], {t: z[t] for t in keys}
+            z = store.read(k, (_INDEX, *keys))
+            if len(z[_INDEX]):
+                yield [paths[i] for i in z[_INDEX]], {t: z[t] for t in keys}
 
-    suffix = out.suffix.lower()
-    meta = json.loads((parts / _MANIFEST).read_text())
-    meta["shapes"] = {k: list(v) for k, v in shapes.items()}
-    tmp = out.with_name(out.name + ".tmp")
-    files = WRITERS[suffix](tmp, out, rows, layers, shapes, meta, chunks)
-    os.replace(tmp, out)
-    files.insert(0, str(out))
+    meta = {**manifest, "shapes": {k: list(v) for k, v in shapes.items()}}
+    files = write_features(out, Features(rows, layers, shapes, meta, chunks))
     failed_list = out.with_name(out.name + ".failed.tsv")
     if failed:
-        _atomic_write_text(failed_list, "".join(f"{f.path}\t{' '.join(f.reason.split())}\n" for f in failed))
+        write_text(failed_list, "".join(f"{f.path}\t{' '.join(f.reason.split())}\n" for f in failed))
         files.append(str(failed_list))
     else:
         failed_list.unlink(missing_ok=True)
-    shutil.rmtree(parts)
-    return ExtractResult(str(out), len(paths), rows, shapes, failed, files)
+    store.remove()
+    return ExtractResult(str(out), len(paths), rows, shapes, failed, files, chunks_reused=reused)
 
 
 def _finished(out: Path, layers: list[str], n: int) -> ExtractResult:
@@ -381,149 +325,3 @@ def _finished(out: Path, layers: list[str], n: int) -> ExtractResult:
             failed.append(Failed(-1, p, reason))
     shapes = {k: tuple(v.shape[1:]) for k, v in arrays.items()}
     return ExtractResult(str(out), n, len(paths), shapes, failed, [str(out)])
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-# -- writers: (tmp, final, rows, layers, shapes, meta, chunks) -> extra files written -----------
-
-Chunks = Callable[[Sequence[str]], Iterator[tuple[list[str], dict[str, np.ndarray]]]]
-
-
-def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
-    buf = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
-    )
-    return buf.getvalue()
-
-
-def _write_npy(
-    tmp: Path, final: Path, rows: int, layers: list[str], shapes: dict, meta: dict, chunks: Chunks
-) -> list[str]:
-    (layer,) = layers
-    names: list[str] = []
-    with open(tmp, "wb") as f:
-        f.write(_npy_header((rows, *shapes[layer]), np.float32))
-        for p, arrays in chunks([layer]):
-            f.write(np.ascontiguousarray(arrays[layer], dtype="<f4").tobytes())
-            names += p
-    listing = final.with_name(final.name + ".paths.txt")
-    _atomic_write_text(listing, "".join(f"{p}\n" for p in names))
-    return [str(listing)]
-
-
-def _write_npz(
-    tmp: Path, final: Path, rows: int, layers: list[str], shapes: dict, meta: dict, chunks: Chunks
-) -> list[str]:
-    """An uncompressed .npz written member by member, chunk by chunk (np.load reads it as usual);
-    fixed timestamps make the bytes depend on the data only."""
-    all_paths = [p for p, _ in chunks([])]
-    flat = [p for ps in all_paths for p in ps]
-    width = max(1, max(len(p) for p in flat))
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
-        info = zipfile.ZipInfo("path.npy", date_time=(1980, 1, 1, 0, 0, 0))
-        with z.open(info, "w", force_zip64=True) as f:
-            f.write(_npy_header((rows,), np.dtype(f"<U{width}")))
-            f.write(np.asarray(flat, dtype=f"<U{width}").tobytes())
-        for layer in layers:
-            info = zipfile.ZipInfo(f"{layer}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            with z.open(info, "w", force_zip64=True) as f:
-                f.write(_npy_header((rows, *shapes[layer]), np.float32))
-                for _, arrays in chunks([layer]):
-                    f.write(np.ascontiguousarray(arrays[layer], dtype="<f4").tobytes())
-    return []
-
-
-def _write_parquet(
-    tmp: Path, final: Path, rows: int, layers: list[str], shapes: dict, meta: dict, chunks: Chunks
-) -> list[str]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise VerydeepError(f"{final}: writing .parquet needs pyarrow (pip install pyarrow)") from None
-    dims = {t: math.prod(shapes[t]) for t in layers}
-    schema = pa.schema(
-        [pa.field("path", pa.string())] + [pa.field(t, pa.list_(pa.float32(), dims[t])) for t in layers],
-        metadata={"verydeep": json.dumps(meta)},
-    )
-    with pq.ParquetWriter(str(tmp), schema) as writer:
-        for p, arrays in chunks(layers):
-            columns = [pa.array(p, pa.string())]
-            for t in layers:
-                values = pa.array(np.ascontiguousarray(arrays[t], dtype=np.float32).reshape(-1))
-                columns.append(pa.FixedSizeListArray.from_arrays(values, dims[t]))
-            writer.write_table(pa.Table.from_arrays(columns, schema=schema))
-    return []
-
-
-def _write_h5(
-    tmp: Path, final: Path, rows: int, layers: list[str], shapes: dict, meta: dict, chunks: Chunks
-) -> list[str]:
-    try:
-        import h5py
-    except ImportError:
-        raise VerydeepError(f"{final}: writing .h5 needs h5py (pip install h5py)") from None
-    with h5py.File(tmp, "w") as f:
-        f.attrs["verydeep"] = json.dumps(meta)
-        names = f.create_dataset("path", (rows,), dtype=h5py.string_dtype())
-        sets = {t: f.create_dataset(t, (rows, *shapes[t]), dtype="f4", chunks=(1, *shapes[t])) for t in layers}
-        at = 0
-        for p, arrays in chunks(layers):
-            names[at : at + len(p)] = p
-            for t in layers:
-                sets[t][at : at + len(p)] = arrays[t]
-            at += len(p)
-    return []
-
-
-WRITERS: dict[str, Callable[..., list[str]]] = {
-    ".npy": _write_npy,
-    ".npz": _write_npz,
-    ".parquet": _write_parquet,
-    ".h5": _write_h5,
-    ".hdf5": _write_h5,
-}
-
-
-# -- reading back ---------------------------------------------------------------------------------
-
-
-def read_features(
-    path: str | os.PathLike, layers: Sequence[str] | None = None
-) -> tuple[list[str], dict[str, np.ndarray]]:
-    """(image paths, {layer: N x ... array}) from any file :func:`extract` writes."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        array = np.load(path)
-        listing = path.with_name(path.name + ".paths.txt")
-        names = listing.read_text().splitlines() if listing.exists() else []
-        return names, {(layers or ["features"])[0]: array}
-    if suffix == ".npz":
-        with np.load(path) as z:
-            keys = layers or [k for k in z.files if k != "path"]
-            return [str(p) for p in z["path"]], {k: z[k] for k in keys}
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        meta = json.loads(table.schema.metadata[b"verydeep"])
-        keys = layers or [n for n in table.column_names if n != "path"]
-        out = {}
-        for k in keys:
-            flat = table.column(k).combine_chunks().flatten().to_numpy()
-            out[k] = flat.reshape(table.num_rows, *meta["shapes"][k])
-        return table.column("path").to_pylist(), out
-    if suffix in (".h5", ".hdf5"):
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            keys = layers or [k for k in f.keys() if k != "path"]
-            return [p.decode() if isinstance(p, bytes) else p for p in f["path"][:]], {k: f[k][:] for k in keys}
-    raise VerydeepError(f"{path}: unknown features file {suffix!r}")

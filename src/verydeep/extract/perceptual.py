@@ -12,7 +12,8 @@ ImageNet mean/std instead of the mean pixel) cannot happen. Inputs clearly outsi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -67,9 +68,10 @@ class PerceptualLoss(nn.Module):
         self.style_weight = float(style_weight)
         self.layer_weights = dict(layer_weights or {})
         self.check_range = check_range
-        unknown = [t for t in (*self.taps, *self.style_taps) if t not in getattr(model, "layer_names", [t])]
-        if unknown:
-            raise VerydeepError(f"PerceptualLoss: unknown tap {unknown[0]!r}; layers: {', '.join(model.layer_names)}")
+        names: list[str] | None = getattr(model, "layer_names", None)
+        unknown = [t for t in (*self.taps, *self.style_taps) if names is not None and t not in names]
+        if names is not None and unknown:
+            raise VerydeepError(f"PerceptualLoss: unknown tap {unknown[0]!r}; layers: {', '.join(names)}")
 
     def train(self, mode: bool = True) -> PerceptualLoss:
         super().train(mode)
@@ -88,7 +90,8 @@ class PerceptualLoss(nn.Module):
                 )
         param = next(self.model.parameters())
         x = to_caffe(images.to(param.device) * 255.0).to(param.dtype)
-        return self.model.features(x, taps=list(dict.fromkeys(taps)))
+        features = cast(Callable[..., dict[str, torch.Tensor]], self.model.features)  # VGG.features: taps by name
+        return features(x, taps=list(dict.fromkeys(taps)))
 
     def terms(
         self, input: torch.Tensor, target: torch.Tensor, style: torch.Tensor | None = None

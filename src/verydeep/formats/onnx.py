@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,16 +18,8 @@ from torch import nn
 from verydeep import configs
 from verydeep.core.atomic import atomic_path
 from verydeep.errors import VerydeepError
-from verydeep.formats.checks import (
-    TOLERANCE,
-    ExportReport,
-    ExportRequest,
-    fail,
-    probe,
-    probe_sizes,
-    reference,
-    rel_error,
-)
+from verydeep.formats import checks
+from verydeep.formats.checks import ExportReport, ExportRequest
 from verydeep.formats.input_space import INPUT_SPACES, fold_input, to_space
 from verydeep.models.vgg import VGG
 
@@ -82,62 +75,53 @@ def write_onnx(request: ExportRequest) -> ExportReport:
     if exporter not in EXPORTERS:
         raise VerydeepError(f"unknown ONNX exporter {exporter!r}; use {' or '.join(EXPORTERS)}")
     net = in_space(model, space, dense=dense).cpu()
-    example = to_space(probe(2), space)
+    example = to_space(checks.probe(2), space)
     try:
         with atomic_path(out) as tmp:
-            EXPORTERS[exporter](net, example, tmp, dense=dense, opset=opset)
+            export_graph(net, example, tmp, dense=dense, opset=opset, exporter=exporter)
     except Exception as e:  # the exporters raise many types; the message is what matters
         raise VerydeepError(f"{out}: ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     try:
         onnx.checker.check_model(str(out), full_check=True)
     except onnx.checker.ValidationError as e:
-        fail([out], f"{out}: onnx.checker rejected the export: {str(e).splitlines()[0]}")
+        checks.fail([out], f"{out}: onnx.checker rejected the export: {str(e).splitlines()[0]}")
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     worst = 0.0
-    for h, w in probe_sizes(dense):
-        x = probe(1, h, w, seed=h + w)  # batch 1: not the example's 2, so the batch is really dynamic
+    for h, w in checks.probe_sizes(dense):
+        x = checks.probe(1, h, w, seed=h + w)  # batch 1: not the example's 2, so the batch is really dynamic
         found = session.run(None, {"data": to_space(x, space).numpy()})[0]
-        worst = max(worst, rel_error(found, reference(model, x, dense)))
-    if worst > TOLERANCE:
-        fail([out], f"{out}: onnxruntime differs from PyTorch by {worst:.2e} (relative), more than {TOLERANCE:g}")
+        worst = max(worst, checks.rel_error(found, checks.reference(model, x, dense)))
+    if worst > checks.TOLERANCE:
+        checks.fail(
+            [out], f"{out}: onnxruntime differs from PyTorch by {worst:.2e} (relative), more than {checks.TOLERANCE:g}"
+        )
     notes = [f"opset {opset}, {exporter} exporter; input 'data' ({INPUT_SPACES[space].description}), output 'fc8'"]
     notes.append("dynamic batch, height and width (at least 224)" if dense else "dynamic batch, 224x224 input")
     return ExportReport("onnx", [str(out)], space, f"onnx.checker + onnxruntime {ort.__version__}", worst, True, notes)
 
 
-def _dynamo(net: nn.Module, example: torch.Tensor, path: Path, *, dense: bool, opset: int) -> None:
+def _dynamo(dense: bool) -> dict[str, Any]:
     """torch.export-based exporter: dynamic batch, and dynamic height/width from 224 for the dense view."""
     dims = {0: torch.export.Dim("batch", min=1)}
     if dense:  # any size from 224 (one fc6 window) up
         dims.update({2: torch.export.Dim("height", min=configs.CROP), 3: torch.export.Dim("width", min=configs.CROP)})
-    torch.onnx.export(
-        net,
-        (example,),
-        str(path),
-        dynamo=True,
-        opset_version=opset,
-        input_names=["data"],
-        output_names=["fc8"],
-        dynamic_shapes=(dims,),
-        verbose=False,
-        external_data=False,
-    )
+    return {"dynamo": True, "dynamic_shapes": (dims,), "verbose": False, "external_data": False}
 
 
-def _torchscript(net: nn.Module, example: torch.Tensor, path: Path, *, dense: bool, opset: int) -> None:
+def _torchscript(dense: bool) -> dict[str, Any]:
     """The TorchScript-based exporter (for runtimes that want its graph)."""
     axes = {0: "batch", 2: "height", 3: "width"} if dense else {0: "batch"}
+    return {"dynamo": False, "dynamic_axes": {"data": axes, "fc8": axes}}
+
+
+def export_graph(net: nn.Module, example: torch.Tensor, path: Path, *, dense: bool, opset: int, exporter: str) -> None:
+    """Write ``net`` traced on ``example`` to ``path`` with one of torch's exporters: input
+    ``data``, output ``fc8``, dynamic batch (and dynamic height/width with ``dense``)."""
+    options = EXPORTERS[exporter](dense)
     torch.onnx.export(
-        net,
-        (example,),
-        str(path),
-        dynamo=False,
-        opset_version=opset,
-        input_names=["data"],
-        output_names=["fc8"],
-        dynamic_axes={"data": axes, "fc8": axes},
+        net, (example,), str(path), opset_version=opset, input_names=["data"], output_names=["fc8"], **options
     )
 
 
-#: ``--exporter`` name -> the torch exporter that writes the file.
-EXPORTERS: dict[str, Callable[..., None]] = {"dynamo": _dynamo, "torchscript": _torchscript}
+#: ``--exporter`` name -> the options that select and configure torch's exporter.
+EXPORTERS: dict[str, Callable[[bool], dict[str, Any]]] = {"dynamo": _dynamo, "torchscript": _torchscript}

@@ -52,40 +52,38 @@ class WeightsEntry:
     paper: tuple[PaperResult, ...] = field(default_factory=tuple)
 
 
-REGISTRY: dict[str, WeightsEntry] = {
-    "vgg16": WeightsEntry(
-        name="vgg16",
-        config="D",
-        filename="VGG_ILSVRC_16_layers.caffemodel",
-        url=_VGG_SITE + "VGG_ILSVRC_16_layers.caffemodel",
-        size=553_432_081,
-        md5="441315b0ff6932dbfde97731be7ca852",
-        description="VGG-16 (config D), ILSVRC-2014, Caffe model zoo",
-        num_params=138_357_544,
-        paper=(
-            PaperResult("Table 3", "dense", (384,), 25.6, 8.1),
-            PaperResult("Table 4", "dense", (256, 384, 512), 24.8, 7.5),
-            PaperResult("Table 5", "multicrop", (256, 384, 512), 24.6, 7.5),
-            PaperResult("Table 5", "combined", (256, 384, 512), 24.4, 7.2),
-        ),
-    ),
-    "vgg19": WeightsEntry(
-        name="vgg19",
-        config="E",
-        filename="VGG_ILSVRC_19_layers.caffemodel",
-        url=_VGG_SITE + "VGG_ILSVRC_19_layers.caffemodel",
-        size=574_671_192,
-        md5="b5c644beabd7cf06bdd9065cfd674c97",
-        description="VGG-19 (config E), ILSVRC-2014, Caffe model zoo",
-        num_params=143_667_240,
-        paper=(
-            PaperResult("Table 3", "dense", (384,), 25.5, 8.0),
-            PaperResult("Table 4", "dense", (256, 384, 512), 24.8, 7.5),
-            PaperResult("Table 5", "multicrop", (256, 384, 512), 24.6, 7.4),
-            PaperResult("Table 5", "combined", (256, 384, 512), 24.4, 7.1),
-        ),
-    ),
-}
+#: The paper's ILSVRC-2012 validation errors (top-1 %, top-5 %) of the two released nets, both
+#: trained with scale jittering S in [256, 512]: (table, protocol, test scales Q, D, E).
+_PAPER_ERRORS = (
+    ("Table 3", "dense", (384,), (25.6, 8.1), (25.5, 8.0)),
+    ("Table 4", "dense", (256, 384, 512), (24.8, 7.5), (24.8, 7.5)),
+    ("Table 5", "multicrop", (256, 384, 512), (24.6, 7.5), (24.6, 7.4)),
+    ("Table 5", "combined", (256, 384, 512), (24.4, 7.2), (24.4, 7.1)),
+)
+#: The model zoo's caffemodels: (name, config, depth, bytes, md5, parameters).
+_ZOO = (
+    ("vgg16", "D", 16, 553_432_081, "441315b0ff6932dbfde97731be7ca852", 138_357_544),
+    ("vgg19", "E", 19, 574_671_192, "b5c644beabd7cf06bdd9065cfd674c97", 143_667_240),
+)
+
+
+def _zoo_entry(column: int, name: str, config: str, depth: int, size: int, md5: str, params: int) -> WeightsEntry:
+    filename = f"VGG_ILSVRC_{depth}_layers.caffemodel"
+    paper = tuple(PaperResult(t, protocol, q, *errors[column]) for t, protocol, q, *errors in _PAPER_ERRORS)
+    return WeightsEntry(
+        name=name,
+        config=config,
+        filename=filename,
+        url=_VGG_SITE + filename,
+        size=size,
+        md5=md5,
+        description=f"VGG-{depth} (config {config}), ILSVRC-2014, Caffe model zoo",
+        num_params=params,
+        paper=paper,
+    )
+
+
+REGISTRY: dict[str, WeightsEntry] = {row[0]: _zoo_entry(i, *row) for i, row in enumerate(_ZOO)}
 
 
 def get_entry(name: str) -> WeightsEntry:

@@ -1,8 +1,9 @@
-"""Checkpoints that survive SIGKILL: written to a temporary file, synced, then renamed.
+"""Checkpoints that survive SIGKILL: written through :func:`verydeep.core.atomic.atomic_path`,
+synced to disk before the rename, and the rename synced too.
 
-A reader sees either the previous set of checkpoints or the new one, never half a file
-(``os.replace`` is atomic on POSIX and Windows within one file system). Only the last K are
-kept. A checkpoint holds plain tensors, numbers and strings, so it loads with
+A reader sees either the previous set of checkpoints or the new one, never half a file; a kill
+mid-write leaves a temporary file that :func:`verydeep.core.atomic.remove_stale` clears on
+resume. Only the last K are kept. A checkpoint holds plain tensors, numbers and strings, so it loads with
 ``torch.load(weights_only=True)``: opening one cannot run code.
 """
 
@@ -12,20 +13,23 @@ import os
 import random
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
+from verydeep.core.atomic import atomic_path
+
 PATTERN = re.compile(r"^step-(\d{9})\.pt$")
 
 
-def path_for(folder: str | os.PathLike, step: int) -> Path:
+def path_for(folder: str | os.PathLike[str], step: int) -> Path:
     return Path(folder) / f"step-{step:09d}.pt"
 
 
-def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
+def list_checkpoints(folder: str | os.PathLike[str]) -> list[Path]:
     """Complete checkpoints in ``folder``, oldest first (temporary files are ignored)."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -34,17 +38,14 @@ def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save(folder: str | os.PathLike, step: int, state: dict[str, Any], keep: int = 3) -> Path:
+def save(folder: str | os.PathLike[str], step: int, state: dict[str, Any], *, keep: int = 3) -> Path:
     """Write ``state`` as the checkpoint of ``step`` atomically; delete all but the last ``keep``."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     target = path_for(folder, step)
-    tmp = folder / f".{target.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+        os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
     _fsync_dir(folder)
     for old in list_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
@@ -62,15 +63,9 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def clean_temporary(folder: str | os.PathLike) -> None:
-    """Remove temporary files left by a process killed while writing."""
-    folder = Path(folder)
-    if folder.is_dir():
-        for p in folder.glob(".step-*.pt.tmp-*"):
-            p.unlink(missing_ok=True)
-
-
-def load_latest(folder: str | os.PathLike, warn: Any = print) -> tuple[Path, dict[str, Any]] | None:
+def load_latest(
+    folder: str | os.PathLike[str], *, warn: Callable[[str], None] = print
+) -> tuple[Path, dict[str, Any]] | None:
     """The newest readable checkpoint (an unreadable one is reported and skipped), or None."""
     for path in reversed(list_checkpoints(folder)):
         try:
@@ -84,13 +79,20 @@ def load_latest(folder: str | os.PathLike, warn: Any = print) -> tuple[Path, dic
 def rng_state() -> dict[str, Any]:
     """Python's, NumPy's, torch's CPU and CUDA generator states, as weights_only-safe values."""
     version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # The legacy form is a tuple (the stubs also allow the dict form, which legacy=True excludes).
+    legacy = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state(legacy=True))
+    kind, keys, pos, has_gauss, cached = legacy
     state: dict[str, Any] = {
         "python": [version, list(internal), gauss],
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "torch": torch.get_rng_state(),
-    }  # fmt: skip
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state

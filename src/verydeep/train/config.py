@@ -15,19 +15,22 @@ import os
 import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from verydeep.core.atomic import write_text
+from verydeep.core.defaults import PRECISIONS
 from verydeep.errors import VerydeepError
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+    import tomli as tomllib  # type: ignore[import-not-found]  # the 3.10 backport, absent where mypy runs (3.11)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """The paper's recipe (Sec. 3.1) as defaults; every field is a ``verydeep train`` option."""
 
@@ -39,7 +42,7 @@ class TrainConfig:
     crop: int = 224
     flip: bool = True
     lighting_std: float = 0.1  # AlexNet's PCA colour shift; 0 turns it off
-    workers: int | None = None  # data loader processes per rank; default min(8, cpus)
+    workers: int | None = None  # loader processes per rank; default core.defaults.default_workers: min(8, CPUs)
     # -- model ----------------------------------------------------------------------------
     arch: str = "D"
     width: float = 1.0
@@ -70,7 +73,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     seed: int = 0
     deterministic: bool = False
-    device: str | None = None
+    device: str | None = None  # default core.defaults.default_device: cuda if visible, else cpu
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 with loss scaling)
     channels_last: str = "auto"  # auto (on for CUDA) | on | off
     compile: bool = False
@@ -124,7 +127,7 @@ class TrainConfig:
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise VerydeepError(f"lr: expected a positive number, found {self.lr}")
         choices = {
-            "precision": ("fp32", "bf16", "fp16"),
+            "precision": tuple(PRECISIONS),
             "channels_last": ("auto", "on", "off"),
             "metrics_format": ("jsonl", "csv"),
         }
@@ -143,9 +146,22 @@ class TrainConfig:
 
 #: Options that may differ when a run is resumed: they change how, not what, is computed.
 RESUMABLE = frozenset(
-    {"epochs", "max_steps", "workers", "device", "checkpoint_every", "keep_checkpoints", "log_every",
-     "tensorboard", "progress", "compile", "out", "data", "val"}
-)  # fmt: skip
+    {
+        "epochs",
+        "max_steps",
+        "workers",
+        "device",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "log_every",
+        "tensorboard",
+        "progress",
+        "compile",
+        "out",
+        "data",
+        "val",
+    }
+)
 
 #: Options holding paths; relative paths in a config file are relative to that file.
 #: ``init`` is a path unless it names a scheme (glorot, normal).
@@ -171,7 +187,7 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
         hint = next(a for a in args if a is not type(None))
     origin_type = typing.get_origin(hint) or hint
 
-    def fail() -> typing.NoReturn:
+    def fail() -> NoReturn:
         found = type(value).__name__
         raise VerydeepError(f"{origin}: option {name}: expected {_type_name(hint)}, found {found} {value!r}")
 
@@ -188,7 +204,7 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
     return _scalar(value, hint, fail)
 
 
-def _scalar(value: Any, kind: type, fail: Any) -> Any:
+def _scalar(value: Any, kind: type, fail: Callable[[], NoReturn]) -> Any:
     if kind is bool:
         return value if isinstance(value, bool) else fail()
     if kind is int:
@@ -215,7 +231,7 @@ def _unknown(name: str, origin: str) -> VerydeepError:
     return VerydeepError(f"{origin}: unknown option {name!r}{hint}")
 
 
-def read_toml(path: str | os.PathLike) -> dict[str, Any]:
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A config file's options, type-checked, with relative paths made relative to the file."""
     path = Path(path)
     try:
@@ -243,7 +259,7 @@ def _is_name_or_url(key: str, value: str) -> bool:
     if key == "init":
         return value in INIT_SCHEMES
     if key == "weights":
-        from verydeep.hub.weights import REGISTRY
+        from verydeep.hub.registry import REGISTRY
 
         return value in REGISTRY
     return False
@@ -260,7 +276,7 @@ def merge(*layers: dict[str, Any], base: TrainConfig | None = None, origin: str 
     return TrainConfig(**values)
 
 
-def load(config_file: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+def load(config_file: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """defaults < ``config_file`` < ``overrides`` (command-line options), validated."""
     layers = [read_toml(config_file)] if config_file is not None else []
     return merge(*layers, overrides or {}).validate()
@@ -307,14 +323,10 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} to TOML")  # pragma: no cover
 
 
-def save_toml(config: TrainConfig, path: str | os.PathLike) -> Path:
+def save_toml(config: TrainConfig, path: str | os.PathLike[str]) -> Path:
     """Write the effective configuration atomically."""
-    path = Path(path)
     text = to_toml(config, header="verydeep train: effective configuration (defaults < config file < command line)")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return write_text(path, text)
 
 
 def changed_on_resume(saved: TrainConfig, requested: dict[str, Any]) -> list[str]:

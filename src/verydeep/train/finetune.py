@@ -9,16 +9,22 @@ other layer is copied.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
 from verydeep.errors import VerydeepError
 from verydeep.models.vgg import VGG
-from verydeep.train.initialization import copy_layers, initialize, param_layers
+from verydeep.train.initialization import copy_layers, initialize, param_layer, param_layers
 
 
 def fine_tune_model(
-    source: torch.nn.Module, class_names: Sequence[str], origin: str, scheme: str = "glorot", std: float = 0.1
+    source: torch.nn.Module,
+    class_names: Sequence[str],
+    *,
+    origin: str,
+    scheme: str = "glorot",
+    std: float = 0.1,
 ) -> tuple[VGG, str]:
     """A copy of ``source`` with an fc8 for ``class_names``; returns it and a one-line report.
 
@@ -31,11 +37,11 @@ def fine_tune_model(
     keep = source.num_classes == len(names) and (source.class_names is None or list(source.class_names) == names)
     layers = param_layers(model)
     if keep:
-        copy_layers(model, source, layers, origin)
+        copy_layers(model, source, layers=layers, origin=origin)
         return model, f"fc8: kept from {origin} ({source.num_classes} classes, as in the training data)"
-    copy_layers(model, source, [name for name in layers if name != "fc8"], origin)
-    initialize(model, scheme, std, layers=["fc8"])
-    old, new = source.fc8.weight.shape, model.fc8.weight.shape
+    copy_layers(model, source, layers=[name for name in layers if name != "fc8"], origin=origin)
+    initialize(model, scheme, std=std, layers=["fc8"])
+    old, new = param_layer(source, "fc8").weight.shape, param_layer(model, "fc8").weight.shape
     report = (
         f"fc8: replaced ({old[1]} -> {old[0]} classes from {origin}) by a new {new[1]} -> {new[0]} layer "
         f"for the training data's classes, initialised {scheme}; all other layers copied"
@@ -59,8 +65,9 @@ def frozen_layers(model: VGG, through: str | None) -> list[str]:
 
 
 def freeze(model: VGG, layers: Iterable[str]) -> None:
+    """Stop ``layers`` from training (no gradients, so the optimiser leaves them as they are)."""
     for name in layers:
-        for p in getattr(model, name).parameters():
+        for p in param_layer(model, name).parameters():
             p.requires_grad_(False)
 
 
@@ -80,7 +87,7 @@ def parse_lr_mult(items: Iterable[str] | dict[str, float]) -> dict[str, float]:
     return out
 
 
-def param_groups(model: VGG, lr_mult: dict[str, float]) -> list[dict]:
+def param_groups(model: VGG, lr_mult: dict[str, float]) -> list[dict[str, Any]]:
     """Optimizer groups of trainable parameters, one per distinct multiplier (key ``lr_mult``).
 
     A key is a layer (``fc8``: weight and bias) or one blob (``fc8.bias``, like Caffe's second
@@ -91,7 +98,7 @@ def param_groups(model: VGG, lr_mult: dict[str, float]) -> list[dict]:
         layer = key.split(".")[0]
         if key not in names and f"{key}.weight" not in names:
             raise VerydeepError(f"lr_mult: unknown layer {key!r}; layers: {', '.join(param_layers(model))}")
-        if not getattr(model, layer).weight.requires_grad:
+        if not param_layer(model, layer).weight.requires_grad:
             raise VerydeepError(f"lr_mult: layer {layer} is frozen (freeze_through)")
     groups: dict[float, list[torch.nn.Parameter]] = {}
     for name, p in names.items():

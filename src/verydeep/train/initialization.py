@@ -11,16 +11,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from verydeep.core.tables import format_table
 from verydeep.errors import VerydeepError
 from verydeep.models.vgg import VGG
 
 #: Weight initialisers by name; biases always start at zero.
-SCHEMES = {
+SCHEMES: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
     "glorot": lambda w, std: nn.init.xavier_uniform_(w),
     "normal": lambda w, std: nn.init.normal_(w, 0.0, std),
 }
@@ -31,15 +33,31 @@ def param_layers(model: VGG) -> list[str]:
     return [s.name for s in model.specs if s.kind in ("conv", "fc")]
 
 
-def initialize(model: VGG, scheme: str = "glorot", std: float = 0.1, layers: list[str] | None = None) -> None:
+def param_layer(model: VGG, name: str) -> nn.Conv2d | nn.Linear:
+    """The conv or fc layer ``name`` of ``model`` (VGG registers its layers by Caffe name)."""
+    layer = model.get_submodule(name)
+    if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+        raise VerydeepError(f"layer {name}: holds no parameters in config {model.config}")
+    return layer
+
+
+def blobs(model: VGG, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caffe's two blobs of parameter layer ``name``: (weight, bias)."""
+    layer = param_layer(model, name)
+    if layer.bias is None:  # pragma: no cover - every Table 1 layer has a bias
+        raise VerydeepError(f"layer {name}: has no bias in config {model.config}")
+    return layer.weight, layer.bias
+
+
+def initialize(model: VGG, scheme: str = "glorot", *, std: float = 0.1, layers: list[str] | None = None) -> None:
     """Re-draw the parameters of ``layers`` (default: all) with ``scheme``; uses torch's RNG."""
     if scheme not in SCHEMES:
         raise VerydeepError(f"init: unknown scheme {scheme!r}; expected {', '.join(SCHEMES)} or a weights file")
     with torch.no_grad():
         for name in layers if layers is not None else param_layers(model):
-            layer = getattr(model, name)
-            SCHEMES[scheme](layer.weight, std)
-            nn.init.zeros_(layer.bias)
+            weight, bias = blobs(model, name)
+            SCHEMES[scheme](weight, std)
+            nn.init.zeros_(bias)
 
 
 def default_transfer_layers(source: VGG) -> list[str]:
@@ -57,7 +75,7 @@ class InitRow:
     origin: str  # "copied from <file>" | "random (<scheme>)"
 
 
-def copy_layers(target: VGG, source: VGG, layers: list[str], origin: str) -> None:
+def copy_layers(target: VGG, source: VGG, *, layers: list[str], origin: str) -> None:
     """Copy ``layers`` (weight and bias) from ``source``; a missing layer or a shape mismatch is an error."""
     have = set(param_layers(target))
     src = set(param_layers(source))
@@ -67,8 +85,7 @@ def copy_layers(target: VGG, source: VGG, layers: list[str], origin: str) -> Non
                 raise VerydeepError(f"{origin}: layer {name}: not in the source net (config {source.config})")
             if name not in have:
                 raise VerydeepError(f"{origin}: layer {name}: not in the net being trained (config {target.config})")
-            for kind in ("weight", "bias"):
-                t, s = getattr(getattr(target, name), kind), getattr(getattr(source, name), kind)
+            for kind, t, s in zip(("weight", "bias"), blobs(target, name), blobs(source, name)):
                 if t.shape != s.shape:
                     raise VerydeepError(
                         f"{origin}: layer {name}: {kind} expected shape {_fmt(t.shape)}, found {_fmt(s.shape)}"
@@ -78,30 +95,33 @@ def copy_layers(target: VGG, source: VGG, layers: list[str], origin: str) -> Non
 
 
 def init_from(
-    target: VGG, source: VGG, origin: str, layers: list[str] | None = None, scheme: str = "glorot", std: float = 0.1
+    target: VGG,
+    source: VGG,
+    *,
+    origin: str,
+    layers: list[str] | None = None,
+    scheme: str = "glorot",
+    std: float = 0.1,
 ) -> list[InitRow]:
     """Initialise ``target`` from a trained shallower ``source``: ``layers`` (default: the
     paper's seven) copied, all others drawn with ``scheme``. Returns one row per layer."""
     layers = list(layers) if layers is not None else default_transfer_layers(source)
-    initialize(target, scheme, std)
-    copy_layers(target, source, layers, origin)
-    return table_rows(target, {name: f"copied from {origin}" for name in layers}, f"random ({scheme})")
+    initialize(target, scheme, std=std)
+    copy_layers(target, source, layers=layers, origin=origin)
+    return table_rows(target, {name: f"copied from {origin}" for name in layers}, default=f"random ({scheme})")
 
 
-def table_rows(model: VGG, origins: dict[str, str], default: str) -> list[InitRow]:
+def table_rows(model: VGG, origins: dict[str, str], *, default: str) -> list[InitRow]:
+    """One row per parameter layer: its origin from ``origins``, else ``default``."""
     return [
-        InitRow(name, _fmt(getattr(model, name).weight.shape), origins.get(name, default))
+        InitRow(name, _fmt(param_layer(model, name).weight.shape), origins.get(name, default))
         for name in param_layers(model)
     ]
 
 
 def format_rows(rows: list[InitRow]) -> str:
     """An aligned text table of ``rows`` (printed by ``verydeep train`` and saved in RUN_DIR)."""
-    cells = [["layer", "weight", "initialised"]] + [[r.layer, r.shape, r.origin] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(3)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table([[r.layer, r.shape, r.origin] for r in rows], ("layer", "weight", "initialised"))
 
 
 def _fmt(shape: torch.Size | tuple[int, ...]) -> str:

@@ -17,12 +17,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from verydeep.core.atomic import atomic_path
+
 #: The CSV columns (a record leaves the ones that do not apply empty).
 COLUMNS = ("kind", "step", "epoch", "loss", "top1", "top5", "lr", "images_per_s", "elapsed_s")
 FILES = {"jsonl": "metrics.jsonl", "csv": "metrics.csv"}
 
 
-def metrics_path(run_dir: str | os.PathLike) -> Path:
+def metrics_path(run_dir: str | os.PathLike[str]) -> Path:
     """The metrics file of a run (whichever format it was written in)."""
     run_dir = Path(run_dir)
     for name in FILES.values():
@@ -31,7 +33,7 @@ def metrics_path(run_dir: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"{run_dir}: no metrics.jsonl or metrics.csv")
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Records of a metrics file or run folder, in order, numbers as numbers."""
     path = Path(path)
     if path.is_dir():
@@ -52,8 +54,13 @@ class MetricsLog:
     """Appends records to RUN_DIR/metrics.{jsonl,csv} (flushed each time) and TensorBoard."""
 
     def __init__(
-        self, run_dir: str | os.PathLike, fmt: str = "jsonl", tensorboard: bool = True, resume_step: int | None = None
-    ):
+        self,
+        run_dir: str | os.PathLike[str],
+        fmt: str = "jsonl",
+        *,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / FILES[fmt]
         self.fmt = fmt
@@ -72,15 +79,13 @@ class MetricsLog:
     def _truncate_after(self, step: int) -> None:
         """Keep records of steps <= ``step`` (those that the checkpoint already accounts for)."""
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
             if self.fmt == "csv":
                 w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
                 w.writeheader()
                 w.writerows(kept)
             else:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         record = {k: v for k, v in record.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}

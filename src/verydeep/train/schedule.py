@@ -8,12 +8,17 @@ The state is a few numbers, saved in every checkpoint so a resumed run drops at 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
 
 @dataclass
 class Plateau:
+    """The rule's state: the best validation top-1 so far, how long since, how many drops.
+
+    Mutable on purpose: :meth:`step` advances it once per validation."""
+
     factor: float = 0.1
     patience: int = 2  # validations without a new best before a drop
     max_drops: int = 3
@@ -39,10 +44,10 @@ class Plateau:
             return True
         return False
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
             setattr(self, key, value)
 

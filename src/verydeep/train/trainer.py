@@ -3,7 +3,7 @@
 One optimiser step consumes one global batch (256 by default) however it is split: over
 ``torchrun`` ranks (DDP) and, within a rank, over micro-batches whose gradients accumulate.
 Each micro-batch's summed loss is scaled by ranks / global batch, so the step's gradient is
-the mean over the global batch for any split (see :mod:`verydeep.train_data` for why the
+the mean over the global batch for any split (see :mod:`verydeep.data.training` for why the
 images of a step do not depend on the split either).
 
 A run lives in one folder (RUN_DIR): ``config.toml`` (effective options), ``checkpoints/``,
@@ -13,6 +13,10 @@ weights with the class names) and ``curves.png``. ``resume=True`` continues from
 checkpoint to the same final weights as an uninterrupted run: the shuffle order is a
 function of (seed, epoch), each image's augmentation of (seed, epoch, index), and dropout's
 random numbers are re-seeded from (seed, epoch, step, rank) at every step.
+
+:class:`Trainer` orchestrates; its methods are grouped by the job they do (set-up, the
+model's first parameters, the epoch loop, one step, metrics, validation, checkpoints, the
+end of the run), each section under its banner.
 """
 
 from __future__ import annotations
@@ -32,15 +36,21 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
 from verydeep.configs import LRN_DEFAULTS
 from verydeep.core import distributed
+from verydeep.core.atomic import remove_stale, write_text
+from verydeep.core.defaults import PRECISIONS, default_workers, dtype_of
 from verydeep.data.augment import TrainTransform, ValTransform, to_input
+from verydeep.data.images import Failed
 from verydeep.data.training import (
+    Batch,
     ImageFolder,
     LabelledImages,
     accumulation,
-    default_workers,
     make_loader,
     micro_batches,
     scan_image_folder,
@@ -53,19 +63,22 @@ from verydeep.train import checkpoint
 from verydeep.train import config as tc
 from verydeep.train.config import TrainConfig
 from verydeep.train.finetune import fine_tune_model, freeze, frozen_layers, param_groups
-from verydeep.train.initialization import format_rows, init_from, initialize, table_rows
+from verydeep.train.initialization import InitRow, format_rows, init_from, initialize, table_rows
 from verydeep.train.run_log import MetricsLog
 from verydeep.train.schedule import Plateau, apply_lr
 
-PRECISION = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: The autocast dtype of each precision; None (fp32) runs without autocast.
+PRECISION: dict[str, torch.dtype | None] = {name: None if name == "fp32" else dtype_of(name) for name in PRECISIONS}
 WEIGHTS_FILE = "model.safetensors"
 #: Test hook: ``VERYDEEP_TRAIN_KILL_AT_STEP=N`` makes every rank SIGKILL itself right after
 #: optimiser step N (and the mid-epoch checkpoint that step may write), so a test can kill a
 #: run at a known point inside an epoch. Unset, it costs nothing.
 KILL_AT_ENV = "VERYDEEP_TRAIN_KILL_AT_STEP"
+#: The initialisation schemes that draw random weights (any other ``init`` is a weights file).
+RANDOM_INITS = ("glorot", "normal")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainResult:
     """What a run produced (also written to RUN_DIR/summary.json)."""
 
@@ -84,7 +97,10 @@ class TrainResult:
 
 
 def prepare_config(
-    config_file: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None, resume: bool = False
+    config_file: str | os.PathLike[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    resume: bool = False,
 ) -> TrainConfig:
     """The effective configuration: defaults < config file < ``overrides``; with ``resume``,
     the run's saved configuration, where only options in ``RESUMABLE`` may change."""
@@ -109,7 +125,7 @@ def prepare_config(
     return tc.merge({k: v for k, v in requested.items() if k in tc.RESUMABLE}, base=saved).validate()
 
 
-def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] | None = None) -> TrainResult:
+def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None] | None = None) -> TrainResult:
     """Run (or with ``resume``, continue) a training job; returns its result on every rank."""
     job = Trainer(config, resume=resume, log=log)
     try:
@@ -123,65 +139,130 @@ def _seed_of(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def _broadcast(obj: Any, ctx: distributed.Context) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not ctx.distributed:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@dataclass(frozen=True)
+class KernelFlags:
+    """torch's process-wide kernel switches that a run sets; saved first so that
+    :meth:`Trainer.close` gives the caller back its own."""
+
+    deterministic: bool
+    warn_only: bool
+    cudnn_benchmark: bool
+    matmul_tf32: bool
+    cudnn_tf32: bool
+
+    @classmethod
+    def current(cls) -> KernelFlags:
+        return cls(
+            deterministic=torch.are_deterministic_algorithms_enabled(),
+            warn_only=torch.is_deterministic_algorithms_warn_only_enabled(),
+            cudnn_benchmark=torch.backends.cudnn.benchmark,
+            matmul_tf32=torch.backends.cuda.matmul.allow_tf32,
+            cudnn_tf32=torch.backends.cudnn.allow_tf32,
+        )
+
+    def restore(self) -> None:
+        torch.use_deterministic_algorithms(self.deterministic, warn_only=self.warn_only)
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark
+        torch.backends.cuda.matmul.allow_tf32 = self.matmul_tf32
+        torch.backends.cudnn.allow_tf32 = self.cudnn_tf32
+
+
+def _set_dropout(model: VGG, p: float) -> None:
+    """Dropout's rate on fc6 and fc7 (the only dropout layers of Table 1's nets)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+
+
 class Trainer:
     """One training run; ``run()`` executes it. Attributes are the job's state."""
 
-    def __init__(self, config: TrainConfig, resume: bool = False, log: Callable[[str], None] | None = None):
+    def __init__(self, config: TrainConfig, *, resume: bool = False, log: Callable[[str], None] | None = None) -> None:
         self.cfg = config.validate()
         self.ctx = distributed.init(config.device)
         self.device = torch.device(distributed.device_for(self.ctx, config.device))
         self._log = log or (lambda msg: print(msg, file=sys.stderr))
         self.bar: Any = None
         self.metrics: MetricsLog | None = None
+        self._saved_flags = KernelFlags.current()
         self._set_determinism()
         try:
-            self._set_up(config, resume)
+            self._set_up(resume)
         except BaseException:  # leave no process group, open file or changed torch flag behind
             self.close()
             raise
 
-    def _set_up(self, config: TrainConfig, resume: bool) -> None:
-        self.run_dir = self._run_dir(resume)
+    # -- set-up ------------------------------------------------------------------------------
+    def _set_up(self, resume: bool) -> None:
+        self.run_dir = self._run_dir()
         self.ckpt_dir = self.run_dir / "checkpoints"
         latest = self._latest_checkpoint(resume)
+        self._set_up_data()
+        self._set_up_model(latest)
+        self._set_up_optimiser()
+        self._set_up_progress()
+        if latest is not None:
+            self._restore(*latest)
+        apply_lr(self.optimizer, self.lr)
+        self._set_up_execution()
+        self._open_outputs(resumed=latest is not None)
 
-        # data
+    def _set_up_data(self) -> None:
+        """The training (and validation) ImageFolders, and how a global batch is split."""
+        cfg = self.cfg
         self.train_set = scan_image_folder(self._required("data"))
         classes = self.train_set.classes
-        self.val_set: ImageFolder | None = scan_image_folder(config.val, classes) if config.val else None
-        if config.num_classes is not None and config.num_classes != len(classes):
+        self.val_set: ImageFolder | None = scan_image_folder(cfg.val, classes) if cfg.val else None
+        if cfg.num_classes is not None and cfg.num_classes != len(classes):
             raise VerydeepError(
-                f"num_classes: {config.num_classes} given, but {self.train_set.root} has {len(classes)} class folders"
+                f"num_classes: {cfg.num_classes} given, but {self.train_set.root} has {len(classes)} class folders"
             )
         self.n_train = len(self.train_set)
-        self.steps_per_epoch = steps_per_epoch(self.n_train, config.batch_size)
+        self.steps_per_epoch = steps_per_epoch(self.n_train, cfg.batch_size)
         if self.steps_per_epoch == 0:
             raise VerydeepError(
-                f"{self.train_set.root}: {self.n_train} images, fewer than one batch of {config.batch_size}; lower --batch-size"
+                f"{self.train_set.root}: {self.n_train} images, fewer than one batch of {cfg.batch_size}; "
+                "lower --batch-size"
             )
-        self.micro, self.accum = accumulation(config.batch_size, config.micro_batch, self.ctx.world_size)
-        self.workers = default_workers() if config.workers is None else config.workers
+        self.micro, self.accum = accumulation(cfg.batch_size, cfg.micro_batch, self.ctx.world_size)
+        self.workers = default_workers(cfg.workers)
 
-        # model, optimiser, schedule
+    def _set_up_model(self, latest: tuple[Path, dict[str, Any]] | None) -> None:
+        """The net (from the checkpoint, the weights to fine-tune, or new), frozen layers, dropout, device."""
+        cfg = self.cfg
         self.model = self._build_model(latest)
         self.cfg = tc.merge(
-            {"arch": self.model.config, "width": self.model.width, "num_classes": self.model.num_classes}, base=self.cfg
+            {"arch": self.model.config, "width": self.model.width, "num_classes": self.model.num_classes}, base=cfg
         )
-        self.frozen = frozen_layers(self.model, config.freeze_through)
+        self.frozen = frozen_layers(self.model, cfg.freeze_through)
         freeze(self.model, self.frozen)
-        self.model.drop6.p = self.model.drop7.p = config.dropout
-        self.channels_last = config.channels_last == "on" or (
-            config.channels_last == "auto" and self.device.type == "cuda"
-        )
-        self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        _set_dropout(self.model, cfg.dropout)
+        self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and self.device.type == "cuda")
+        self.model.to(self.device)
+        self.model.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
+    def _set_up_optimiser(self) -> None:
+        """SGD with momentum and weight decay over the trainable layers, loss scaling, the LR rule."""
+        cfg = self.cfg
         self.optimizer = torch.optim.SGD(
-            param_groups(self.model, config.lr_mult),
-            lr=config.lr,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
+            param_groups(self.model, cfg.lr_mult), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
-        self.plateau = Plateau(config.lr_factor, config.plateau_patience, config.max_lr_drops, config.plateau_threshold)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.plateau = Plateau(cfg.lr_factor, cfg.plateau_patience, cfg.max_lr_drops, cfg.plateau_threshold)
+
+    def _set_up_progress(self) -> None:
+        """Where the run stands: the counters a checkpoint saves and :meth:`_restore` sets."""
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.images_seen, self.train_time, self.elapsed_before = 0, 0.0, 0.0
         self.last_val: dict[str, float] | None = None
@@ -189,27 +270,27 @@ class Trainer:
         self.window = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, n
         self.resumed_from: str | None = None
         self._kill_at = int(os.environ.get(KILL_AT_ENV, "0") or 0)
-        if latest is not None:
-            self._restore(*latest)
-        apply_lr(self.optimizer, config.lr * self.plateau.scale)
 
-        # execution wrappers
-        self.net: torch.nn.Module = self.model
-        if config.compile:
+    def _set_up_execution(self) -> None:
+        """``torch.compile`` and DDP around the model (``self.net`` is what a step calls)."""
+        self.net: nn.Module = self.model
+        self.ddp: DistributedDataParallel | None = None
+        if self.cfg.compile:
             self.model.compile()
         if self.ctx.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = DDP(self.model, device_ids=ids, gradient_as_bucket_view=True)
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids, gradient_as_bucket_view=True)
+            self.net = self.ddp
 
+    def _open_outputs(self, *, resumed: bool) -> None:
+        """RUN_DIR/config.toml and the metrics log, written by rank 0 before any rank goes on."""
         if self.ctx.is_main:
             tc.save_toml(self.cfg, self.run_dir / "config.toml")
             self.metrics = MetricsLog(
                 self.run_dir,
-                config.metrics_format,
-                config.tensorboard,
-                resume_step=self.global_step if latest else None,
+                self.cfg.metrics_format,
+                tensorboard=self.cfg.tensorboard,
+                resume_step=self.global_step if resumed else None,
             )
         distributed.barrier(self.ctx)
 
@@ -229,10 +310,6 @@ class Trainer:
 
     def _set_determinism(self) -> None:
         """Set torch's global kernel flags for this run; :meth:`close` puts the caller's back."""
-        self._saved_flags = (
-            torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-            torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-        )  # fmt: skip
         if self.cfg.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -242,75 +319,88 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-    def _run_dir(self, resume: bool) -> Path:
+    def _run_dir(self) -> Path:
         out = self.cfg.out
         if out is None:
             out = str(Path("runs") / f"{self.cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
             out = _broadcast(out, self.ctx)
         run_dir = Path(out)
-        if self.ctx.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        distributed.barrier(self.ctx)
+        with distributed.main_rank_first(self.ctx):
+            if self.ctx.is_main:
+                run_dir.mkdir(parents=True, exist_ok=True)
         self.cfg = tc.absolute_paths(tc.merge({"out": str(run_dir)}, base=self.cfg))
         return run_dir.resolve()
 
-    def _latest_checkpoint(self, resume: bool) -> tuple[Path, dict] | None:
+    def _latest_checkpoint(self, resume: bool) -> tuple[Path, dict[str, Any]] | None:
         existing = checkpoint.list_checkpoints(self.ckpt_dir)
         if not resume:
             if existing:
                 raise VerydeepError(
-                    f"{self.run_dir}: holds checkpoints of an earlier run; pass --resume to continue it or choose another --out"
+                    f"{self.run_dir}: holds checkpoints of an earlier run; "
+                    "pass --resume to continue it or choose another --out"
                 )
             return None
-        if self.ctx.is_main:
-            checkpoint.clean_temporary(self.ckpt_dir)
+        with distributed.main_rank_first(self.ctx):  # what a killed write left is gone before any rank reads
+            if self.ctx.is_main:
+                remove_stale(self.ckpt_dir)
         found = checkpoint.load_latest(self.ckpt_dir, warn=self.say)
         if found is None:
             self.say(f"{self.run_dir}: no checkpoint yet; starting from the beginning")
         return found
 
-    def _build_model(self, latest: tuple[Path, dict] | None) -> VGG:
-        cfg, classes = self.cfg, self.train_set.classes
-        torch.manual_seed(_seed_of(cfg.seed, 0xC0FFEE))
+    # -- the model's first parameters: a checkpoint, weights to fine-tune, or new -------------
+    def _build_model(self, latest: tuple[Path, dict[str, Any]] | None) -> VGG:
+        torch.manual_seed(_seed_of(self.cfg.seed, 0xC0FFEE))
         if latest is not None:  # the checkpoint holds every parameter: no download, no init
-            state = latest[1]
-            lrn_k = state.get("lrn_k", LRN_DEFAULTS["k"])  # A-LRN's k (from a fine-tuned caffemodel)
-            model = VGG(cfg.arch, len(classes), cfg.width, lrn_k=lrn_k, class_names=state["class_names"])
-            model.load_state_dict(state["model"])
-            return model
-        if cfg.weights is not None:
-            from verydeep.hub.weights import load
-
-            source = load(cfg.weights, cfg.prototxt)
-            for name in ("arch", "width"):
-                if name in self._explicit and getattr(cfg, name) != getattr(
-                    source, "config" if name == "arch" else name, None
-                ):
-                    found = source.config if name == "arch" else source.width
-                    raise VerydeepError(
-                        f"{cfg.weights}: {name} is {found!r}, but {name} {getattr(cfg, name)!r} was asked for"
-                    )
-            model, report = fine_tune_model(source, classes, cfg.weights, cfg.init, cfg.init_std)
-            self.say(report)
-            rows = table_rows(model, {}, f"copied from {cfg.weights}")
-            if "replaced" in report:
-                rows = [r if r.layer != "fc8" else type(r)(r.layer, r.shape, f"new, random ({cfg.init})") for r in rows]
-        else:
-            model = VGG(cfg.arch, len(classes), cfg.width, class_names=classes)
-            if cfg.init in ("glorot", "normal"):
-                initialize(model, cfg.init, cfg.init_std)
-                rows = table_rows(model, {}, f"random ({cfg.init})")
-            else:
-                from verydeep.hub.weights import load
-
-                source = load(cfg.init)
-                if not isinstance(source, VGG):
-                    raise VerydeepError(f"{cfg.init}: --init needs a Table 1 VGG, found a {type(source).__name__}")
-                rows = init_from(model, source, cfg.init, cfg.init_layers, "glorot", cfg.init_std)
-                self.say(f"initialised from {cfg.init}:\n{format_rows(rows)}")
+            return self._model_from_checkpoint(latest[1])
+        model, rows = self._fine_tuned_model() if self.cfg.weights is not None else self._new_model()
         if self.ctx.is_main:
-            (self.run_dir / "init.txt").write_text(format_rows(rows) + "\n")
+            write_text(self.run_dir / "init.txt", format_rows(rows) + "\n")
         return model
+
+    def _model_from_checkpoint(self, state: dict[str, Any]) -> VGG:
+        cfg = self.cfg
+        lrn_k = state.get("lrn_k", LRN_DEFAULTS["k"])  # A-LRN's k (from a fine-tuned caffemodel)
+        model = VGG(cfg.arch, len(self.train_set.classes), cfg.width, lrn_k=lrn_k, class_names=state["class_names"])
+        model.load_state_dict(state["model"])
+        return model
+
+    def _load_weights(self, source: str, prototxt: str | None = None) -> nn.Module:
+        """A weights file, name or URL; under torchrun rank 0 fetches it into the cache first."""
+        from verydeep.hub.loader import load
+
+        with distributed.main_rank_first(self.ctx):
+            return load(source, prototxt=prototxt)
+
+    def _fine_tuned_model(self) -> tuple[VGG, list[InitRow]]:
+        """``--weights``: every layer copied, fc8 replaced when the classes differ."""
+        cfg = self.cfg
+        weights = self._required("weights")
+        source = self._load_weights(weights, cfg.prototxt)
+        found = {"arch": getattr(source, "config", None), "width": getattr(source, "width", None)}
+        for name, value in found.items():
+            if name in self._explicit and getattr(cfg, name) != value:
+                raise VerydeepError(f"{weights}: {name} is {value!r}, but {name} {getattr(cfg, name)!r} was asked for")
+        model, report = fine_tune_model(
+            source, self.train_set.classes, origin=weights, scheme=cfg.init, std=cfg.init_std
+        )
+        self.say(report)
+        new_fc8 = {"fc8": f"new, random ({cfg.init})"} if "replaced" in report else {}
+        return model, table_rows(model, new_fc8, default=f"copied from {weights}")
+
+    def _new_model(self) -> tuple[VGG, list[InitRow]]:
+        """A new net: drawn at random, or (``--init FROM``) with the paper's layers of a trained one."""
+        cfg, classes = self.cfg, self.train_set.classes
+        model = VGG(cfg.arch, len(classes), cfg.width, class_names=classes)
+        if cfg.init in RANDOM_INITS:
+            initialize(model, cfg.init, std=cfg.init_std)
+            return model, table_rows(model, {}, default=f"random ({cfg.init})")
+        source = self._load_weights(cfg.init)
+        if not isinstance(source, VGG):
+            raise VerydeepError(f"{cfg.init}: --init needs a Table 1 VGG, found a {type(source).__name__}")
+        rows = init_from(model, source, origin=cfg.init, layers=cfg.init_layers, scheme="glorot", std=cfg.init_std)
+        self.say(f"initialised from {cfg.init}:\n{format_rows(rows)}")
+        return model, rows
 
     @property
     def _explicit(self) -> set[str]:
@@ -318,7 +408,8 @@ class Trainer:
         defaults = TrainConfig()
         return {k for k in ("arch", "width") if getattr(self.cfg, k) != getattr(defaults, k)}
 
-    def _restore(self, path: Path, state: dict) -> None:
+    # -- resuming ----------------------------------------------------------------------------
+    def _restore(self, path: Path, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.plateau.load_state_dict(state["plateau"])
@@ -339,40 +430,29 @@ class Trainer:
             f"resumed from {path}: epoch {self.epoch + 1}, {self.step_in_epoch} of {self.steps_per_epoch} steps done"
         )
 
-    # -- the run -----------------------------------------------------------------------------
+    # -- the run: header, epoch loop ---------------------------------------------------------
     @property
     def total_steps(self) -> int:
         total = self.cfg.epochs * self.steps_per_epoch
         return min(total, self.cfg.max_steps) if self.cfg.max_steps else total
 
     def run(self) -> TrainResult:
-        cfg = self.cfg
         self.t0 = time.perf_counter()
         self._describe()
-        from tqdm import tqdm
-
-        self.bar = tqdm(
-            total=self.total_steps, initial=self.global_step, unit="step", desc="train", file=sys.stderr,
-            dynamic_ncols=True, disable=not (self.ctx.is_main and cfg.progress), mininterval=1.0,
-        )  # fmt: skip
-        validated = True
-        while self.epoch < cfg.epochs and self.global_step < self.total_steps:
-            finished = self._train_epoch()
-            validated = False
-            if not finished:  # stopped by max_steps inside the epoch
-                break
-            self._end_of_epoch()
-            validated = True
-        if not validated and self.val_set is not None:
-            self.last_val = self._validate()
-            self._log_val()
-        if self.global_step > 0 and not validated:
-            self._save_checkpoint()
+        self.bar = self._progress_bar()
+        at_epoch_end = self._train_epochs()
+        if not at_epoch_end:  # max_steps stopped it inside an epoch: validate and save that state too
+            if self.val_set is not None:
+                self.last_val = self._validate(self.val_set)
+                self._log_val(self.last_val)
+            if self.global_step > 0:
+                self._save_checkpoint()
         self.bar.close()
         self.bar = None
         return self._finish()
 
     def _describe(self) -> None:
+        """The run's header: the net, the data, how the batch is split, where it is written."""
         cfg = self.cfg
         lo, hi = cfg.scale_range
         scale = f"S={lo}" if lo == hi else f"S in [{lo}, {hi}]"
@@ -385,20 +465,60 @@ class Trainer:
         if self.frozen:
             self.say(f"frozen: {', '.join(self.frozen)}")
         if self.val_set is None:
-            self.say(
-                f"note: no --val; the learning rate stays at {cfg.lr * self.plateau.scale:g} (it drops only on a validation plateau)"
-            )
+            self.say(f"note: no --val; the learning rate stays at {self.lr:g} (it drops only on a validation plateau)")
+
+    def _progress_bar(self) -> Any:
+        from tqdm import tqdm
+
+        return tqdm(
+            total=self.total_steps,
+            initial=self.global_step,
+            unit="step",
+            desc="train",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=not (self.ctx.is_main and self.cfg.progress),
+            mininterval=1.0,
+        )
+
+    def _train_epochs(self) -> bool:
+        """Epochs until the last one or max_steps; True if the run stopped at an epoch's end."""
+        at_epoch_end = True
+        while self.epoch < self.cfg.epochs and self.global_step < self.total_steps:
+            at_epoch_end = False
+            if not self._train_epoch():  # stopped by max_steps inside the epoch
+                break
+            self._end_of_epoch()
+            at_epoch_end = True
+        return at_epoch_end
+
+    def _epoch_loader(self) -> DataLoader:
+        """This rank's micro-batches of the rest of ``epoch``, decoded and augmented in workers."""
+        cfg = self.cfg
+        transform = TrainTransform(
+            scale=cfg.scale_range, crop=cfg.crop, flip=cfg.flip, lighting_std=cfg.lighting_std, seed=cfg.seed
+        )
+        batches = micro_batches(
+            self.n_train,
+            cfg.batch_size,
+            micro=self.micro,
+            ctx=self.ctx,
+            seed=cfg.seed,
+            epoch=self.epoch,
+            start_step=self.step_in_epoch,
+        )
+        return make_loader(
+            LabelledImages(self.train_set, transform),
+            batches,
+            crop=cfg.crop,
+            workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def _train_epoch(self) -> bool:
         """Steps ``step_in_epoch..`` of ``epoch``; False if max_steps stopped it early."""
         cfg = self.cfg
-        transform = TrainTransform(cfg.scale_range, cfg.crop, cfg.flip, cfg.lighting_std, cfg.seed)
-        batches = micro_batches(
-            self.n_train, cfg.batch_size, self.micro, self.ctx, cfg.seed, self.epoch, self.step_in_epoch
-        )
-        loader = make_loader(
-            LabelledImages(self.train_set, transform), batches, cfg.crop, self.workers, self.device.type == "cuda"
-        )
+        loader = self._epoch_loader()
         self.net.train()
         # Times are wall-clock between points where the device has finished its queued work
         # (a log waits for the loss sums), so CUDA's asynchrony cannot inflate images/s;
@@ -421,10 +541,7 @@ class Trainer:
                 self._log_train(window_start)
                 window_start = time.perf_counter()
             if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0 and not end:
-                self._sync()
-                pause = time.perf_counter()
-                self._save_checkpoint()
-                pause = time.perf_counter() - pause
+                pause = self._timed_checkpoint()
                 epoch_start += pause
                 window_start += pause
             if self.global_step == self._kill_at:
@@ -432,51 +549,59 @@ class Trainer:
         self.train_time += time.perf_counter() - epoch_start
         return True
 
+    def _timed_checkpoint(self) -> float:
+        """A mid-epoch checkpoint; returns the seconds it took (not counted as training time)."""
+        self._sync()
+        start = time.perf_counter()
+        self._save_checkpoint()
+        return time.perf_counter() - start
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _step(self, micro: list) -> None:
+    # -- one optimiser step ------------------------------------------------------------------
+    def _step(self, micro: list[Batch]) -> None:
         """One optimiser step over the global batch (this rank's micro-batches)."""
-        cfg = self.cfg
-        scale = self.ctx.world_size / cfg.batch_size
-        dtype = PRECISION[cfg.precision]
+        scale = self.ctx.world_size / self.cfg.batch_size
         n_local = 0
         for j, batch in enumerate(micro):
             self._note_failures(batch.failed)
-            sync = j == len(micro) - 1
-            ctx = self.net.no_sync() if (self.ctx.distributed and not sync) else contextlib.nullcontext()
-            with ctx:
-                with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-                    if len(batch):
-                        x = to_input(
-                            batch.crops.to(self.device, non_blocking=True),
-                            batch.shifts.to(self.device, non_blocking=True),
-                            self.channels_last,
-                        )
-                        labels = batch.labels.to(self.device, non_blocking=True)
-                        logits = self.net(x)
-                        loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
-                        with torch.no_grad():
-                            correct = (logits.argmax(1) == labels).sum()
-                            self.window += torch.stack(
-                                [
-                                    loss_sum.detach().double(),
-                                    correct.double(),
-                                    torch.tensor(float(len(batch)), dtype=torch.float64, device=self.device),
-                                ]
-                            )
-                        loss = loss_sum * scale
-                    else:  # every image of this micro-batch was unreadable: a zero-gradient pass keeps DDP in step
-                        x = torch.zeros(1, 3, cfg.crop, cfg.crop, device=self.device)
-                        loss = self.net(x).float().sum() * 0.0
-                self.scaler.scale(loss).backward()
+            last = j == len(micro) - 1
+            # DDP all-reduces the gradients in the last micro-batch's backward pass only.
+            no_sync = self.ddp.no_sync() if (self.ddp is not None and not last) else contextlib.nullcontext()
+            with no_sync:
+                self.scaler.scale(self._micro_loss(batch, scale)).backward()
             n_local += len(batch)
         self._rescale_for_skipped(n_local)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.images_seen += cfg.batch_size  # nominal (all ranks); skipped images are reported separately
+        self.images_seen += self.cfg.batch_size  # nominal (all ranks); skipped images are reported separately
+
+    def _micro_loss(self, batch: Batch, scale: float) -> torch.Tensor:
+        """The micro-batch's summed cross-entropy times ``scale``; adds its loss and hits to the log window."""
+        dtype = PRECISION[self.cfg.precision]
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            if not len(batch):  # every image was unreadable: a zero-gradient pass keeps DDP in step
+                x = torch.zeros(1, 3, self.cfg.crop, self.cfg.crop, device=self.device)
+                return self.net(x).float().sum() * 0.0
+            x = to_input(
+                batch.crops.to(self.device, non_blocking=True),
+                batch.shifts.to(self.device, non_blocking=True),
+                self.channels_last,
+            )
+            labels = batch.labels.to(self.device, non_blocking=True)
+            logits = self.net(x)
+            loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
+            with torch.no_grad():
+                correct = (logits.argmax(1) == labels).sum()
+                self.window += torch.stack([loss_sum.detach().double(), correct.double(), self._count(batch)])
+            return loss_sum * scale
+
+    def _count(self, batch: Batch) -> torch.Tensor:
+        """The number of images in ``batch``, as a float64 on the device (summed with the losses)."""
+        return torch.tensor(float(len(batch)), dtype=torch.float64, device=self.device)
 
     def _rescale_for_skipped(self, n_local: int) -> None:
         """Gradients were scaled for a full batch; make them the mean over the images that were read."""
@@ -492,7 +617,7 @@ class Trainer:
         if grads:
             torch._foreach_mul_(grads, factor)
 
-    def _note_failures(self, failed: list) -> None:
+    def _note_failures(self, failed: list[Failed]) -> None:
         for f in failed:
             if f.path not in self.skipped:
                 self.skipped[f.path] = f.reason
@@ -502,25 +627,35 @@ class Trainer:
                 else:
                     print(f"[rank {self.ctx.rank}] {msg}", file=sys.stderr)
 
+    # -- metrics -----------------------------------------------------------------------------
     @property
     def lr(self) -> float:
         return self.cfg.lr * self.plateau.scale
+
+    def _record(self, kind: str, values: dict[str, Any]) -> dict[str, Any]:
+        """A metrics record of the current step: its position, ``values``, the time since the start."""
+        return {
+            "kind": kind,
+            "step": self.global_step,
+            "epoch": round(self.global_step / self.steps_per_epoch, 6),
+            **values,
+            "elapsed_s": round(self.elapsed_before + time.perf_counter() - self.t0, 3),
+        }
 
     def _log_train(self, window_start: float) -> None:
         w = distributed.all_reduce_sum(self.window.clone(), self.ctx).tolist()  # waits for the device
         seconds = time.perf_counter() - window_start
         self.window.zero_()
         loss, correct, n = w
-        record = {
-            "kind": "train",
-            "step": self.global_step,
-            "epoch": round(self.global_step / self.steps_per_epoch, 6),
-            "loss": loss / n if n else None,
-            "top1": correct / n if n else None,
-            "lr": self.lr,
-            "images_per_s": n / seconds if seconds > 0 else None,
-            "elapsed_s": round(self.elapsed_before + time.perf_counter() - self.t0, 3),
-        }
+        record = self._record(
+            "train",
+            {
+                "loss": loss / n if n else None,
+                "top1": correct / n if n else None,
+                "lr": self.lr,
+                "images_per_s": n / seconds if seconds > 0 else None,
+            },
+        )
         if self.metrics is not None:
             self.metrics.write(record)
         if self.bar is not None and n:
@@ -532,47 +667,51 @@ class Trainer:
                 refresh=False,
             )
 
+    def _log_val(self, v: dict[str, float]) -> None:
+        record = self._record("val", {**v, "lr": self.lr})
+        if self.metrics is not None:
+            self.metrics.write(record)
+        self.say(
+            f"epoch {record['epoch']:g}: val loss {v['loss']:.4f}  top-1 {100 * v['top1']:.2f}%  "
+            f"top-5 {100 * v['top5']:.2f}%  ({int(v['images'])} images)"
+        )
+
+    # -- validation and the learning-rate rule -----------------------------------------------
     def _end_of_epoch(self) -> None:
         self.epoch += 1
         self.step_in_epoch = 0
         if self.val_set is not None:
-            self.last_val = self._validate()
+            self.last_val = self._validate(self.val_set)
             dropped = self.plateau.step(self.last_val["top1"])
-            self._log_val()
+            self._log_val(self.last_val)
             if dropped:
                 apply_lr(self.optimizer, self.lr)
                 self.say(
-                    f"epoch {self.epoch}: validation top-1 stopped improving; learning rate now {self.lr:g} (drop {self.plateau.drops} of {self.plateau.max_drops})"
+                    f"epoch {self.epoch}: validation top-1 stopped improving; learning rate now {self.lr:g} "
+                    f"(drop {self.plateau.drops} of {self.plateau.max_drops})"
                 )
         self._save_checkpoint()
 
-    def _log_val(self) -> None:
-        v = self.last_val
-        record = {"kind": "val", "step": self.global_step, "epoch": round(self.global_step / self.steps_per_epoch, 6), **v, "lr": self.lr,
-                  "elapsed_s": round(self.elapsed_before + time.perf_counter() - self.t0, 3)}  # fmt: skip
-        if self.metrics is not None:
-            self.metrics.write(record)
-        self.say(
-            f"epoch {record['epoch']:g}: val loss {v['loss']:.4f}  top-1 {100 * v['top1']:.2f}%  top-5 {100 * v['top5']:.2f}%  ({int(v['images'])} images)"
+    def _val_loader(self, val_set: ImageFolder) -> DataLoader:
+        """This rank's share of the central Q-crops of the validation set."""
+        cfg = self.cfg
+        return make_loader(
+            LabelledImages(val_set, ValTransform(scale=cfg.test_scale, crop=cfg.crop)),
+            val_batches(len(val_set), self.micro, self.ctx),
+            crop=cfg.crop,
+            workers=self.workers,
+            pin_memory=self.device.type == "cuda",
         )
 
     @torch.no_grad()
-    def _validate(self) -> dict[str, float]:
+    def _validate(self, val_set: ImageFolder) -> dict[str, float]:
         """Loss, top-1 and top-5 of the central Q-crops of the validation set (all ranks)."""
-        cfg, model = self.cfg, self.model
-        dtype = PRECISION[cfg.precision]
-        dataset = LabelledImages(self.val_set, ValTransform(cfg.test_scale, cfg.crop))
-        loader = make_loader(
-            dataset,
-            val_batches(len(self.val_set), self.micro, self.ctx),
-            cfg.crop,
-            self.workers,
-            self.device.type == "cuda",
-        )
+        model = self.model
+        dtype = PRECISION[self.cfg.precision]
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top1, top5, n
         k = min(5, model.num_classes)
         model.eval()
-        for batch in loader:
+        for batch in self._val_loader(val_set):
             self._note_failures(batch.failed)
             if not len(batch):
                 continue
@@ -580,15 +719,17 @@ class Trainer:
             labels = batch.labels.to(self.device)
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
                 logits = model(x).float()
-            topk = logits.topk(k, dim=1).indices
-            hit = topk == labels[:, None]
-            sums += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(), hit[:, 0].sum().double(),
-                                 hit.any(1).sum().double(), torch.tensor(float(len(batch)), dtype=torch.float64, device=self.device)])  # fmt: skip
+            hit = logits.topk(k, dim=1).indices == labels[:, None]
+            loss = F.cross_entropy(logits, labels, reduction="sum")
+            sums += torch.stack(
+                [loss.double(), hit[:, 0].sum().double(), hit.any(1).sum().double(), self._count(batch)]
+            )
         model.train()
-        loss, top1, top5, n = distributed.all_reduce_sum(sums, self.ctx).tolist()
+        loss_sum, top1, top5, n = distributed.all_reduce_sum(sums, self.ctx).tolist()
         n = max(n, 1.0)
-        return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n, "images": n}
+        return {"loss": loss_sum / n, "top1": top1 / n, "top5": top5 / n, "images": n}
 
+    # -- checkpoints -------------------------------------------------------------------------
     def _gather_skipped(self) -> dict[str, str]:
         parts = distributed.gather_objects(self.skipped, self.ctx)
         merged: dict[str, str] = {}
@@ -600,55 +741,45 @@ class Trainer:
         skipped = self._gather_skipped()  # collective: every rank calls it
         if self.ctx.is_main:
             self.skipped = skipped
-            state = {
-                "version": 1,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "plateau": self.plateau.state_dict(),
-                "epoch": self.epoch,
-                "step_in_epoch": self.step_in_epoch,
-                "global_step": self.global_step,
-                "images_seen": self.images_seen,
-                "train_time": self.train_time,
-                "elapsed_s": self.elapsed_before + time.perf_counter() - self.t0,
-                "last_val": self.last_val,
-                "skipped": sorted(skipped.items()),
-                "window": self.window.tolist(),
-                "rng": checkpoint.rng_state(),
-                "class_names": list(self.model.class_names or []),
-                "lrn_k": self.model.lrn_k,
-                "train_size": self.n_train,
-                "config": self.cfg.to_dict(),
-            }
+            state = self._checkpoint_state()
             checkpoint.save(self.ckpt_dir, self.global_step, state, keep=self.cfg.keep_checkpoints)
             self._write_skipped()
         distributed.barrier(self.ctx)
 
-    def _write_skipped(self) -> None:
-        path = self.run_dir / "skipped.txt"
-        if self.skipped:
-            path.write_text("".join(f"{p}\t{r}\n" for p, r in sorted(self.skipped.items())))
+    def _checkpoint_state(self) -> dict[str, Any]:
+        """Everything :meth:`_restore` needs to continue bit for bit (weights_only-loadable values)."""
+        return {
+            "version": 1,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "plateau": self.plateau.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "images_seen": self.images_seen,
+            "train_time": self.train_time,
+            "elapsed_s": self.elapsed_before + time.perf_counter() - self.t0,
+            "last_val": self.last_val,
+            "skipped": sorted(self.skipped.items()),
+            "window": self.window.tolist(),
+            "rng": checkpoint.rng_state(),
+            "class_names": list(self.model.class_names or []),
+            "lrn_k": self.model.lrn_k,
+            "train_size": self.n_train,
+            "config": self.cfg.to_dict(),
+        }
 
+    def _write_skipped(self) -> None:
+        if self.skipped:
+            write_text(self.run_dir / "skipped.txt", "".join(f"{p}\t{r}\n" for p, r in sorted(self.skipped.items())))
+
+    # -- the end of the run ------------------------------------------------------------------
     def _finish(self) -> TrainResult:
         self.skipped = self._gather_skipped()
         elapsed = self.elapsed_before + time.perf_counter() - self.t0
         weights = self.run_dir / WEIGHTS_FILE
-        curves = None
-        if self.ctx.is_main:
-            from verydeep.hub.weights import save_safetensors
-
-            self.model.class_names = list(self.train_set.classes)
-            save_safetensors(
-                self.model, weights, trained_by="verydeep train", epochs=self.epoch, steps=self.global_step
-            )
-            self._write_skipped()
-            if self.skipped:
-                self.say(f"{len(self.skipped)} unreadable image(s) skipped; listed in {self.run_dir / 'skipped.txt'}")
-            if self.metrics is not None:
-                self.metrics.close()
-                self.metrics = None
-            curves = self._curves()
+        curves = self._save_outputs(weights) if self.ctx.is_main else None
         result = TrainResult(
             run_dir=str(self.run_dir),
             weights=str(weights),
@@ -664,13 +795,27 @@ class Trainer:
             resumed_from=self.resumed_from,
         )
         if self.ctx.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+            write_text(self.run_dir / "summary.json", json.dumps(asdict(result), indent=2) + "\n")
             self.say(f"weights: {weights}")
         distributed.barrier(self.ctx)
         return result
 
+    def _save_outputs(self, weights: Path) -> Path | None:
+        """Rank 0: the final weights, skipped.txt, the closed metrics log and curves.png (returned)."""
+        from verydeep.formats.safetensors import save_safetensors
+
+        self.model.class_names = list(self.train_set.classes)
+        save_safetensors(self.model, weights, trained_by="verydeep train", epochs=self.epoch, steps=self.global_step)
+        self._write_skipped()
+        if self.skipped:
+            self.say(f"{len(self.skipped)} unreadable image(s) skipped; listed in {self.run_dir / 'skipped.txt'}")
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        return self._curves()
+
     def _curves(self) -> Path | None:
-        from verydeep.train.curves import plot_run  # matplotlib is a dependency
+        from verydeep.train.curves import plot_run
 
         try:
             return plot_run(self.run_dir)
@@ -683,19 +828,5 @@ class Trainer:
             self.bar.close()
         if self.metrics is not None:
             self.metrics.close()
-        deterministic, warn_only, benchmark, matmul_tf32, cudnn_tf32 = self._saved_flags
-        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-        torch.backends.cudnn.benchmark = benchmark
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul_tf32, cudnn_tf32
+        self._saved_flags.restore()
         distributed.finish(self.ctx)
-
-
-def _broadcast(obj: Any, ctx: distributed.Context) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not ctx.distributed:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

@@ -279,6 +279,7 @@ def write_caffemodel(
     path: str | os.PathLike[str],
     blobs: Mapping[str, Sequence[np.ndarray]],
     net: NetParameter | None = None,
+    *,
     version: str = "V2",
 ) -> None:
     """Write ``blobs`` (layer name -> arrays) as a V2 or V1 caffemodel, atomically.

@@ -13,18 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from verydeep.formats import checks
 from verydeep.formats.caffe.caffemodel import write_caffemodel
 from verydeep.formats.caffe.prototxt import vgg_net, write_prototxt
-from verydeep.formats.checks import (
-    TOLERANCE,
-    ExportReport,
-    ExportRequest,
-    fail,
-    probe,
-    probe_sizes,
-    reference,
-    rel_error,
-)
+from verydeep.formats.checks import ExportReport, ExportRequest
 from verydeep.formats.input_space import INPUT_SPACES, fold_input, to_space
 from verydeep.models.vgg import VGG
 
@@ -54,8 +46,10 @@ def write_caffe(request: ExportRequest) -> ExportReport:
     write_prototxt(net, proto_path)
     write_caffemodel(weights_path, blobs, net=net)
     err, checker = _check_caffe(model, proto_path, weights_path, space, dense)
-    if err > TOLERANCE:
-        fail([proto_path, weights_path], f"{weights_path}: {checker} differs from verydeep by {err:.2e} (relative)")
+    if err > checks.TOLERANCE:
+        checks.fail(
+            [proto_path, weights_path], f"{weights_path}: {checker} differs from verydeep by {err:.2e} (relative)"
+        )
     notes = [f"V2 prototxt + caffemodel; input blob 'data' ({INPUT_SPACES[space].description})"]
     if space != "caffe":
         notes.append("layer 'data_offset' (1x1 convolution) adds the input offset before conv1_1's zero padding")
@@ -86,8 +80,8 @@ def _check_caffe(model: VGG, proto: Path, weights: Path, space: str, dense: bool
         import cv2
     except ImportError:  # verydeep's own reader checks the files instead
         cv2 = None  # type: ignore[assignment]
-    for h, w in probe_sizes(dense):
-        x = probe(1, h, w, seed=h + w)
+    for h, w in checks.probe_sizes(dense):
+        x = checks.probe(1, h, w, seed=h + w)
         inp = to_space(x, space)
         if cv2 is not None:
             net = cv2.dnn.readNetFromCaffe(str(proto), str(weights))
@@ -102,5 +96,5 @@ def _check_caffe(model: VGG, proto: Path, weights: Path, space: str, dense: bool
                 out = graph(inp)
             found = out["fc8"] if isinstance(out, dict) else out
             checker = "verydeep's Caffe reader (OpenCV not installed)"
-        worst = max(worst, rel_error(found, reference(model, x, dense)))
+        worst = max(worst, checks.rel_error(found, checks.reference(model, x, dense)))
     return worst, checker

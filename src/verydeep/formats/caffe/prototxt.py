@@ -357,6 +357,7 @@ def vgg_net(
     config: str,
     width: float = 1.0,
     num_classes: int = 1000,
+    *,
     dense: bool = False,
     batch: int = 1,
     size: int = configs.CROP,

@@ -1,0 +1,179 @@
+"""The resumable chunk store: a long job's partial results, one file per finished chunk.
+
+A job that runs for hours (``evaluate``, ``extract``) cuts its input into numbered *chunks*
+and writes each finished one to ``FOLDER/<prefix>-NNNNNNN.npz``, atomically
+(:mod:`verydeep.core.atomic`), beside a manifest JSON that records what the run computes. A kill
+at any moment loses at most the chunks not yet written; a resumed run reads the manifest,
+refuses to continue a run that asked for something else (its numbers would differ), and
+computes only the missing chunks. What a chunk's arrays hold is the job's business.
+
+Under torchrun every rank reads the folder before any rank writes to it, so all ranks decide
+alike; rank 0 then prepares it (removes it for ``overwrite``, clears temporary files of killed
+writes, writes the manifest) while the others wait.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from verydeep.core import distributed
+from verydeep.core.atomic import atomic_path, remove_stale, write_json
+from verydeep.errors import VerydeepError
+
+#: Values sampled from each tensor by :func:`model_fingerprint`.
+FINGERPRINT_SAMPLES = 4096
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A cheap identity of a model's weights: each tensor's name, shape and dtype, and a strided
+    sample of its values (hashing all 528 MB of VGG-16 would cost more than a resumed chunk)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        flat = t.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)].to("cpu", torch.float64).numpy()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(sample.tobytes())
+    return h.hexdigest()[:16]
+
+
+class ChunkStore:
+    """``folder/``: ``manifest`` (what the run computes) and ``<prefix>-NNNNNNN.npz`` per chunk.
+
+    ``start_over`` completes the refusals ("..., or <start_over>"): how a user discards the
+    partial results (by default, deleting the folder).
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        manifest: str = "manifest.json",
+        prefix: str = "chunk",
+        start_over: str | None = None,
+    ) -> None:
+        self.folder = Path(folder)
+        self.manifest_path = self.folder / manifest
+        self.prefix = prefix
+        self.start_over = start_over or f"delete {self.folder} to start over"
+        self._name = re.compile(rf"{re.escape(prefix)}-(\d+)\.npz")
+
+    def exists(self) -> bool:
+        """Whether an earlier run left partial results here."""
+        return self.manifest_path.exists()
+
+    def begin(
+        self,
+        manifest: Mapping[str, Any],
+        *,
+        resume: bool,
+        overwrite: bool = False,
+        ctx: distributed.Context | None = None,
+        adopt: Collection[str] = (),
+    ) -> dict[str, Any]:
+        """Start or continue the run ``manifest`` describes; return the run's manifest.
+
+        Partial results of an earlier run need ``resume`` (and the same manifest, except the keys
+        in ``adopt``, whose saved values win) or ``overwrite`` (they are removed). Every rank
+        calls this; rank 0 prepares the folder.
+        """
+        ctx = ctx or distributed.Context()
+        wanted: dict[str, Any] = json.loads(json.dumps(manifest))  # as it reads back (tuples -> lists)
+        saved = None if overwrite else self._saved()  # every rank, before anyone writes
+        if saved is not None:
+            if not resume:
+                raise VerydeepError(
+                    f"{self.folder}: partial results of an earlier run; pass --resume to continue it, "
+                    f"or {self.start_over}"
+                )
+            self._check(saved, wanted, adopt)
+        distributed.barrier(ctx)
+        if ctx.is_main:
+            if overwrite:
+                shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            remove_stale(self.folder)
+            if saved is None:
+                write_json(self.manifest_path, wanted, indent=1)
+        distributed.barrier(ctx)
+        if not self.exists():  # a rank started on its own (no process group): nobody prepared it
+            write_json(self.manifest_path, wanted, indent=1)
+        found = self.manifest()
+        self._check(found, wanted, adopt)
+        return found
+
+    def manifest(self) -> dict[str, Any]:
+        """The manifest the run was started with."""
+        found = self._saved()
+        if found is None:
+            raise VerydeepError(f"{self.manifest_path}: no such file; the partial results are gone")
+        return found
+
+    def path_of(self, chunk: int) -> Path:
+        return self.folder / f"{self.prefix}-{chunk:07d}.npz"
+
+    def write(self, chunk: int, arrays: Mapping[str, np.ndarray]) -> Path:
+        """Write one chunk's arrays, atomically: the file is whole or absent, never partial."""
+        path = self.path_of(chunk)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, allow_pickle=False, **arrays)
+        return path
+
+    def done(self) -> set[int]:
+        """The chunks written so far (temporary files of killed writes do not count)."""
+        found = (self._name.fullmatch(p.name) for p in self.folder.glob(f"{self.prefix}-*.npz"))
+        return {int(m[1]) for m in found if m}
+
+    def missing(self, n: int) -> list[int]:
+        """Which of chunks ``0..n-1`` are not written yet."""
+        done = self.done()
+        return [k for k in range(n) if k not in done]
+
+    def read(self, chunk: int, keys: Collection[str] | None = None) -> dict[str, np.ndarray]:
+        """A written chunk's arrays (only ``keys`` when given)."""
+        path = self.path_of(chunk)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in (z.files if keys is None else keys)}
+        except (OSError, ValueError, KeyError, EOFError) as e:
+            raise VerydeepError(
+                f"{path}: unreadable part of an earlier run ({e}); delete it to recompute its chunk"
+            ) from None
+
+    def synchronize(self, ctx: distributed.Context) -> None:
+        """Wait until every rank has written its chunks (before rank 0 merges them)."""
+        distributed.barrier(ctx)
+
+    def remove(self) -> None:
+        """Delete the partial results (once the job has written its output)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _saved(self) -> dict[str, Any] | None:
+        try:
+            found = json.loads(self.manifest_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, json.JSONDecodeError) as e:
+            raise VerydeepError(f"{self.manifest_path}: unreadable ({e}); {self.start_over}") from None
+        if not isinstance(found, dict):
+            raise VerydeepError(f"{self.manifest_path}: not a manifest (a JSON object); {self.start_over}")
+        return found
+
+    def _check(self, saved: Mapping[str, Any], wanted: Mapping[str, Any], adopt: Collection[str]) -> None:
+        """Refuse to continue a run whose manifest differs from this one's, naming the first key."""
+        for key in [*wanted, *(k for k in saved if k not in wanted)]:
+            if key not in adopt and saved.get(key) != wanted.get(key):
+                raise VerydeepError(
+                    f"{self.folder}: cannot resume: {key} was {json.dumps(saved.get(key))}, "
+                    f"now {json.dumps(wanted.get(key))}; use the same inputs and options, or {self.start_over}"
+                )

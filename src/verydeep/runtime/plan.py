@@ -1,0 +1,175 @@
+"""The plan: one table of choices (compute dtype, kernels, cache blocking, graphs, compile) per device.
+
+:func:`make_plan` decides from the device's *native* capabilities
+(:mod:`verydeep.runtime.capabilities`) and records why in :attr:`Plan.notes`; the executor only
+follows it. The constants below are the measurements the choices rest on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from verydeep.core.defaults import dtype_of
+from verydeep.runtime.capabilities import native, onednn_available, onednn_linear_available
+from verydeep.runtime.cuda import cudnn_conv_relu_available, triton_available
+
+#: Largest relative logit error (max |a - b| / max |b|) each precision is held to.
+TOLERANCE: dict[str, float] = {"fp32": 1e-5, "bf16": 2e-2, "fp16": 1e-2}
+#: CUDA graphs kept per view; beyond this many input shapes, calls run uncaptured.
+MAX_GRAPHS = 8
+#: Cache blocking on CPU: the leading stages run on as many images at a time as keep conv1's
+#: output under this many bytes (measured best on a Sapphire Rapids core: 2 images in bf16,
+#: 1 in fp32 at 224; larger budgets fall out of the core's L2 and are slower).
+CACHE_BYTES = 16 << 20
+#: Stages (conv blocks ending in a pool) that run cache-blocked; the rest run on the whole batch.
+#: 2 cores, batch 16, bf16: 53 img/s blocking none, 76-87 blocking three; blocking four or five
+#: stages was within +-10% of three, better in one run and worse in three (1 and 2 threads).
+BLOCKED_STAGES = 3
+#: The GPU plan's kernel choices, measured on an H200 at batch 256 in bf16 (benchmarks/gpu_layers.py,
+#: benchmarks/RESULTS.md): cuDNN's fused conv+bias+ReLU is 1.3-3x faster than conv2d then relu_;
+#: conv1_1 with its 3 input channels zero-padded to 16 takes a tensor-core kernel (5.1 -> 1.6 ms);
+#: ATen's CUDA max pool also writes int64 indices; a Triton kernel reads and writes once (2.4 -> 0.5 ms
+#: for pool1); torch.compile'd pooling is as fast for one shape but recompiles per shape.
+CUDA_PLAN: dict[str, Any] = {"conv": "cudnn-relu", "pool": "triton", "pad_channels": 16, "relu_after_pool": False}
+#: What a CPU lacks when a reduced precision is not native there (for the plan's note).
+_MISSING_ON_CPU = {"bf16": "no AMX/avx512_bf16", "fp16": "no AMX-FP16"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a :class:`~verydeep.runtime.executor.FastVGG` executes; printed by ``verydeep bench``
+    and kept on the module."""
+
+    device: str
+    precision: str  # what was asked for
+    dtype: str  # what the convolutions compute in
+    conv: str  # "onednn-prepacked" | "cudnn-relu" (conv+ReLU fused by cuDNN) | "aten"
+    linear: str  # "onednn-prepacked" | "aten"
+    pool: str  # "nhwc-maximum" (even sizes; odd: ATen) | "triton" (GPU) | "compiled" (torch.compile'd) | "aten"
+    channels_last: bool
+    cache_bytes: int  # cache blocking budget of the leading stages; 0 = off
+    cuda_graphs: bool
+    compile: bool
+    pad_channels: int = 0  # conv1_1's 3 input channels zero-padded to this many (tensor-core friendly)
+    relu_after_pool: bool = False  # conv -> pool -> ReLU (exact: max and ReLU commute), 4x less ReLU
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["notes"] = list(self.notes)
+        return d
+
+
+@dataclass(frozen=True)
+class _Kernels:
+    """The device-dependent part of a plan."""
+
+    conv: str = "aten"
+    linear: str = "aten"
+    pool: str = "aten"
+    cache_bytes: int = 0
+    pad_channels: int = 0
+    relu_after_pool: bool = False
+
+
+def _compute_dtype(precision: str, dev: torch.device, fallback: bool, notes: list[str]) -> str:
+    """``precision`` where the device computes it natively (or ``fallback`` is off), else fp32."""
+    if precision == "fp32" or native(precision, dev):
+        return precision
+    if not fallback:
+        notes.append(f"{precision} is not native on this {dev.type}: emulated, slower than fp32")
+        return precision
+    why = _MISSING_ON_CPU[precision] if dev.type == "cpu" else f"{dev.type} has no fast {precision}"
+    notes.append(f"{precision} is not native on this {dev.type} ({why}): computing in fp32, faster here and exact")
+    return "fp32"
+
+
+def _cpu_kernels(dev: torch.device, dtype: str, compile: bool, cache_bytes: int | None, notes: list[str]) -> _Kernels:
+    if compile:
+        notes.append("torch.compile: inductor packs its own weights (freezing); kernels cached")
+        return _Kernels()
+    if not onednn_available():
+        notes.append("oneDNN is not available in this PyTorch build: ATen convolutions")
+    prepack = onednn_available() and native(dtype, dev)
+    return _Kernels(
+        conv="onednn-prepacked" if prepack else "aten",
+        linear="onednn-prepacked" if prepack and dtype != "fp32" and onednn_linear_available() else "aten",
+        pool="nhwc-maximum",
+        cache_bytes=CACHE_BYTES if cache_bytes is None else max(0, int(cache_bytes)),
+    )
+
+
+def _cuda_kernels(dev: torch.device, dtype: str, compile: bool, cache_bytes: int | None, notes: list[str]) -> _Kernels:
+    if compile:
+        return _Kernels()
+    conv, pool = CUDA_PLAN["conv"], CUDA_PLAN["pool"]
+    if conv == "cudnn-relu" and not cudnn_conv_relu_available():
+        conv = "aten"
+    if pool == "compiled" and not hasattr(torch, "compile"):
+        pool = "aten"
+    if pool == "triton" and not triton_available():
+        pool = "aten"
+        notes.append("Triton is not available: ATen's max pool (slower: it also writes indices)")
+    return _Kernels(
+        conv=conv, pool=pool, pad_channels=CUDA_PLAN["pad_channels"], relu_after_pool=CUDA_PLAN["relu_after_pool"]
+    )
+
+
+def _other_kernels(dev: torch.device, dtype: str, compile: bool, cache_bytes: int | None, notes: list[str]) -> _Kernels:
+    return _Kernels()
+
+
+#: Device type -> how its kernels are chosen (ATen's everywhere else, e.g. MPS).
+_KERNELS: dict[str, Callable[[torch.device, str, bool, int | None, list[str]], _Kernels]] = {
+    "cpu": _cpu_kernels,
+    "cuda": _cuda_kernels,
+}
+
+
+def make_plan(
+    precision: str = "fp32",
+    device: str | torch.device = "cpu",
+    *,
+    compile: bool | None = None,
+    cuda_graphs: bool | None = None,
+    fallback: bool = True,
+    cache_bytes: int | None = None,
+) -> Plan:
+    """Decide the execution for ``precision`` on ``device``.
+
+    ``fallback=True`` computes in fp32 when ``precision`` is not native on the device (faster
+    there, and exact); ``False`` computes in the requested dtype regardless (for testing the
+    reduced-precision path on any machine). ``compile=None`` means "where it pays off", which
+    is nowhere we measured: on CPU the pre-packed oneDNN plan beat inductor's freezing output,
+    on GPU the fused cuDNN + Triton plan beat the compiled net (``benchmarks/RESULTS.md``).
+    ``cache_bytes`` overrides :data:`CACHE_BYTES` (0 turns cache blocking off).
+    """
+    dtype_of(precision)  # refuses an unknown precision name
+    dev = torch.device(device)
+    notes: list[str] = []
+    dtype = _compute_dtype(precision, dev, fallback, notes)
+    kernels = _KERNELS.get(dev.type, _other_kernels)(dev, dtype, bool(compile), cache_bytes, notes)
+    cuda = dev.type == "cuda"
+    if cuda_graphs and not cuda:
+        notes.append("CUDA graphs need a CUDA device: off")
+    if cuda and dtype == "fp32":
+        notes.append("fp32 on GPU: TF32 disabled inside the fast path so results stay exact")
+    return Plan(
+        device=str(dev),
+        precision=precision,
+        dtype=dtype,
+        conv=kernels.conv,
+        linear=kernels.linear,
+        pool=kernels.pool,
+        channels_last=dev.type in ("cpu", "cuda"),
+        cache_bytes=kernels.cache_bytes,
+        pad_channels=kernels.pad_channels,
+        relu_after_pool=kernels.relu_after_pool,
+        cuda_graphs=cuda if cuda_graphs is None else bool(cuda_graphs and cuda),
+        compile=bool(compile),
+        notes=tuple(notes),
+    )
