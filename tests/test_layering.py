@@ -24,7 +24,7 @@ ORDER: list[tuple[str, ...]] = [
     ("models",),
     ("formats",),
     ("hub",),
-    ("evaluate", "extract", "train", "bench"),
+    ("evaluate", "extract", "train", "bench", "explain"),
     ("cli",),
 ]
 #: The public façade and the ``python -m verydeep`` entry point sit above everything.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,18 +30,37 @@ def temp_path(path: str | os.PathLike[str]) -> Path:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], *, durable: bool = False) -> Iterator[Path]:
     """Yield a temporary path to write ``path``'s new content to; on success it replaces ``path``,
-    on any error (or interrupt) it is removed and ``path`` is left as it was."""
+    on any error (or interrupt) it is removed and ``path`` is left as it was.
+
+    ``durable`` also survives a power cut, not only a killed process: the bytes are flushed to
+    disk before the rename, and the rename itself after (for checkpoints and converted weights).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
         yield tmp
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
+        if durable:
+            _fsync(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk; a no-op where folders cannot be opened."""
+    if path.is_dir() and sys.platform == "win32":  # pragma: no cover
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

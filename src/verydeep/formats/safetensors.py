@@ -19,6 +19,7 @@ from torch import nn
 from verydeep.configs import NetSpec
 from verydeep.core.atomic import atomic_path
 from verydeep.errors import VerydeepError, WeightsError
+from verydeep.formats.caffe.graph import CaffeGraph
 from verydeep.formats.checks import ExportReport, ExportRequest, fail
 from verydeep.models.build import build_vgg, default_class_names, vgg_spec_from_shapes
 from verydeep.models.vgg import VGG
@@ -62,7 +63,7 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return {k: (v if k == "format" else json.loads(v)) for k, v in raw.items()}
 
 
-def load_safetensors(path: str | os.PathLike[str]) -> nn.Module:
+def load_safetensors(path: str | os.PathLike[str]) -> VGG | CaffeGraph:
     """Map a safetensors file onto a VGG (or a CaffeGraph when it was saved from one)."""
     from safetensors.torch import load_file as st_load
 
@@ -70,8 +71,6 @@ def load_safetensors(path: str | os.PathLike[str]) -> nn.Module:
     meta = read_metadata(path)
     state = st_load(str(path))
     if meta.get("kind") == "caffe-graph":
-        from verydeep.formats.caffe import CaffeGraph
-
         return CaffeGraph.from_saved(meta, state, source=str(path))
     if "config" in meta:
         spec = NetSpec(**{k: meta[k] for k in ("config", "num_classes", "width", "lrn_k") if k in meta})

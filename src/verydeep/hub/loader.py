@@ -8,31 +8,32 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from verydeep.core.paths import home
 from verydeep.errors import WeightsError
+from verydeep.formats.caffe.graph import CaffeGraph
 from verydeep.formats.caffe.load import load_caffemodel
 from verydeep.formats.safetensors import load_safetensors
 from verydeep.hub.cache import fetch
 from verydeep.hub.download import download
 from verydeep.hub.registry import REGISTRY
+from verydeep.models.vgg import VGG
 
 
-def _load_torchvision(path: Path) -> nn.Module:
+def _load_torchvision(path: Path) -> VGG | CaffeGraph:
     from verydeep.formats.torchvision import load_torchvision
 
     return load_torchvision(path)
 
 
-def _load_keras(path: Path) -> nn.Module:
+def _load_keras(path: Path) -> VGG | CaffeGraph:
     from verydeep.formats.keras import load_keras  # needs h5py, an optional dependency
 
     return load_keras(path)
 
 
 #: File suffix -> reader (the prototxt-less readers; a caffemodel may come with a prototxt).
-READERS: dict[str, Callable[[Path], nn.Module]] = {
+READERS: dict[str, Callable[[Path], VGG | CaffeGraph]] = {
     ".caffemodel": load_caffemodel,
     ".safetensors": load_safetensors,
     ".pth": _load_torchvision,
@@ -49,7 +50,7 @@ def load(
     *,
     device: str | torch.device | None = None,
     progress: bool = True,
-) -> nn.Module:
+) -> VGG | CaffeGraph:
     """A model in eval mode from a registry name, a local file, or a URL.
 
     Registry names (``vgg16``, ``vgg19``) are downloaded once into the cache. Files:
@@ -73,7 +74,7 @@ def load(
     return model.to(device) if device is not None else model
 
 
-def load_file(path: Path, prototxt: str | os.PathLike[str] | None = None) -> nn.Module:
+def load_file(path: Path, prototxt: str | os.PathLike[str] | None = None) -> VGG | CaffeGraph:
     """A local weights file, read by the reader its suffix names (:data:`READERS`)."""
     if not path.exists():
         raise WeightsError(f"{path}: no such file (registry names: {', '.join(REGISTRY)})")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -42,25 +41,11 @@ def save(folder: str | os.PathLike[str], step: int, state: dict[str, Any], *, ke
     """Write ``state`` as the checkpoint of ``step`` atomically; delete all but the last ``keep``."""
     folder = Path(folder)
     target = path_for(folder, step)
-    with atomic_path(target) as tmp, open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())  # the bytes are on disk before the rename makes them the checkpoint
-    _fsync_dir(folder)
+    with atomic_path(target, durable=True) as tmp:
+        torch.save(state, tmp)
     for old in list_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
     return target
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (no-op where directories cannot be opened)."""
-    if sys.platform == "win32":  # pragma: no cover
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_latest(

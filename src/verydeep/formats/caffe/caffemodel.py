@@ -14,15 +14,14 @@ from __future__ import annotations
 import io
 import mmap
 import os
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from verydeep.core.atomic import atomic_path
 from verydeep.errors import CaffeFormatError
 from verydeep.formats.caffe import caffe_pb2 as pb
 from verydeep.formats.caffe.prototxt import NetParameter, downgrade, upgrade
@@ -303,7 +302,7 @@ def write_caffemodel(
     head.CopyFrom(net)
     head.ClearField("layers" if version == "V1" else "layer")
     layer_field, blob_field = (2, 6) if version == "V1" else (100, 7)
-    with _atomic(path) as out:
+    with atomic_path(path, durable=True) as tmp, open(tmp, "xb") as out:
         out.write(head.SerializeToString())
         for layer in layers:
             meta = type(layer)()
@@ -352,19 +351,3 @@ def _varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
-
-
-@contextmanager
-def _atomic(path: str) -> Iterator[BinaryIO]:
-    """A file that appears at ``path`` complete or not at all (temp file + rename in its directory)."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

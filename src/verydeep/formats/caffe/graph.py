@@ -33,6 +33,7 @@ from verydeep.formats.caffe.prototxt import (
     upgrade,
     validate,
 )
+from verydeep.models.build import format_shape, shape_fits
 
 Shape = tuple[int, ...]
 #: Shape assumed for an input the net does not size (a Data layer): one 224x224 colour image.
@@ -347,7 +348,7 @@ class CaffeGraph(nn.Module):
         for name, attr in self.param_layers.items():
             module = getattr(self, attr)
             params = [(k, p) for k, p in (("weight", module.weight), ("bias", module.bias)) if p is not None]
-            expected = ", ".join(f"{k} {_fmt(p.shape)}" for k, p in params)
+            expected = ", ".join(f"{k} {format_shape(p.shape)}" for k, p in params)
             arrays = blobs.get(name)
             if arrays is None:
                 raise CaffeFormatError(f"{origin}: layer {name!r}: no weights in the file (expected {expected})")
@@ -357,10 +358,10 @@ class CaffeGraph(nn.Module):
                 )
             for (kind, param), array in zip(params, arrays):
                 array = np.asarray(array, dtype=np.float32)
-                if not _fits(array.shape, tuple(param.shape)):
+                if not shape_fits(array.shape, tuple(param.shape)):
                     raise CaffeFormatError(
-                        f"{origin}: layer {name!r}: {kind}: expected shape {_fmt(param.shape)}, "
-                        f"found {_fmt(array.shape)}"
+                        f"{origin}: layer {name!r}: {kind}: expected shape {format_shape(param.shape)}, "
+                        f"found {format_shape(array.shape)}"
                     )
                 value = torch.from_numpy(array.reshape(param.shape))
                 if param.is_meta:  # built on the meta device: adopt the array without a copy
@@ -469,24 +470,3 @@ def _layer_input_shapes(layer: pb.LayerParameter) -> list[Shape]:
         return [(p.batch_size, p.channels, p.height, p.width), (p.batch_size,)]
     crop = layer.transform_param.crop_size
     return [(1, 3, crop, crop), (1,)] if crop else []
-
-
-def _fits(found: Shape, expected: Shape) -> bool:
-    """Same shape up to leading 1s (Caffe's legacy 4-D blobs), or fc <-> conv of the same size."""
-    if found == expected:
-        return True
-    f, e = _strip(found), _strip(expected)
-    if f == e:
-        return True
-    return bool(f and e) and f[0] == e[0] and math.prod(f) == math.prod(e) and 2 in (len(f), len(e))
-
-
-def _strip(shape: Shape) -> Shape:
-    i = 0
-    while i < len(shape) - 1 and shape[i] == 1:
-        i += 1
-    return tuple(shape[i:])
-
-
-def _fmt(shape: Sequence[int]) -> str:
-    return "x".join(map(str, shape)) or "scalar"

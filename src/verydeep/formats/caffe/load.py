@@ -11,13 +11,13 @@ import os
 from pathlib import Path
 
 import numpy as np
-from torch import nn
 
 from verydeep.errors import WeightsError
 from verydeep.formats.caffe.caffemodel import read_caffemodel
 from verydeep.formats.caffe.graph import CaffeGraph
 from verydeep.formats.caffe.prototxt import read_prototxt, vgg_spec
 from verydeep.models.build import build_vgg, default_class_names, vgg_spec_from_shapes
+from verydeep.models.vgg import VGG
 
 
 def caffe_arrays(blobs: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
@@ -29,7 +29,7 @@ def caffe_arrays(blobs: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
     return out
 
 
-def load_caffemodel(path: str | os.PathLike[str], prototxt: str | os.PathLike[str] | None = None) -> nn.Module:
+def load_caffemodel(path: str | os.PathLike[str], prototxt: str | os.PathLike[str] | None = None) -> VGG | CaffeGraph:
     """A caffemodel (V1 or V2) as a VGG when the net is a Table 1 VGG, else as a CaffeGraph."""
     path = Path(path)
     cm = read_caffemodel(path)

@@ -433,7 +433,7 @@ def vgg_spec(net: NetParameter) -> configs.NetSpec | None:
     for width in dict.fromkeys(w for w in widths if w > 0):
         for config in configs.TABLE_1:
             specs = [s for s in configs.layer_specs(config, width, num_classes) if s.kind != "dropout"]
-            if len(specs) == len(layers) and all(_fits(l, s, dense) for l, s in zip(layers, specs)):
+            if len(specs) == len(layers) and all(_is_table1_layer(l, s, dense) for l, s in zip(layers, specs)):
                 lrn = [l.lrn_param.k for l in layers if l.type == "LRN"]
                 k = lrn[0] if lrn else configs.LRN_DEFAULTS["k"]
                 return configs.NetSpec(config, num_classes, width, k, dense)
@@ -464,7 +464,7 @@ def _is_chain(net: NetParameter, layers: list[LayerParameter]) -> bool:
     return True
 
 
-def _fits(layer: LayerParameter, spec: configs.LayerSpec, dense: bool) -> bool:
+def _is_table1_layer(layer: LayerParameter, spec: configs.LayerSpec, dense: bool) -> bool:
     """Whether ``layer`` is exactly the Table 1 layer ``spec`` (dense: fc as convolution)."""
     if spec.kind == "conv" or (spec.kind == "fc" and dense):
         p = layer.convolution_param
