@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from verydeep.cli.common import add_command, add_json_option, print_json
+from verydeep.cli.common import add_alias, add_command, add_json_option, print_json
 from verydeep.core.defaults import PRECISIONS
 
 EXAMPLES = """examples:
   verydeep bench                                   # VGG-16, random weights: batch 1 and 16, fp32 and bf16, dense Q=384
-  verydeep bench --batch 16 --precision bf16 --dense 0 --repeats 10
+  verydeep bench --batch-size 16 --precision bf16 --dense 0 --repeats 10
   verydeep bench --weights vgg16 --json > bench.json
   verydeep bench --arch E --baselines torchvision,onnxruntime --threads 2
   verydeep bench --arch D --width 0.0625 --repeats 2 --warmup 1 --json   # a quick smoke run
@@ -54,8 +54,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--num-classes", type=int, default=1000, help="classes without --weights (default: %(default)s)")
     p.add_argument(
-        "--batch", type=int, nargs="+", default=[1, 16], metavar="N", help="classic-net batch sizes (default: 1 16)"
+        "--batch-size",
+        dest="batch",
+        type=int,
+        nargs="+",
+        default=[1, 16],
+        metavar="N",
+        help="classic-net batch sizes (default: 1 16)",
     )
+    add_alias(p, "--batch", dest="batch", type=int, nargs="+")
     p.add_argument(
         "--precision",
         nargs="+",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from verydeep.cli.common import add_command, add_json_option, add_model_options, print_json
+from verydeep.cli.common import add_command, add_json_option, add_model_options, precision_report, print_json
 
 EXAMPLES = """examples:
   verydeep classify cat.jpg
@@ -17,7 +17,7 @@ EXAMPLES = """examples:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     what = "Shorter side to 256, central 224x224 crop, BGR, mean pixel subtracted; soft-max of fc8."
     p = add_command(sub, "classify", help="top-k ImageNet classes for images", description=what, examples=EXAMPLES)
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (scanned), or '-' (paths on stdin)")
     add_model_options(p)
     p.add_argument("--top", type=int, default=5, help="classes per image (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -31,21 +31,37 @@ def run(args: argparse.Namespace) -> int:
     from verydeep.evaluate.classify import classify_files
     from verydeep.hub.loader import load
 
+    device = default_device(args.device)  # a GPU that is not there fails before any download
+    images = [str(p) for item in args.images for p in _expand(item)]
     model = load(args.weights, args.prototxt)
+    precision = precision_report(model, args.precision, device, command="classify")
     results, errors = classify_files(
         model,
-        args.images,
+        images,
         top=args.top,
         batch_size=args.batch_size,
-        device=default_device(args.device),
+        device=device,
         precision=args.precision,
     )
     if args.json:
-        print_json(results)
+        print_json([{**r, "precision": precision} for r in results])
     else:
+        computed = f" ({precision['computed']})" if precision["computed"] != "fp32" else ""
         for r in results:
             rows = [[p["index"], p["label"], f"{p['probability']:.4f}"] for p in r["predictions"]]
-            print(f"{r['image']}:\n" + format_table(rows, ["class", "label", "probability"]) + "\n")
+            header = ["class", "label", f"probability{computed}"]
+            print(f"{r['image']}:\n" + format_table(rows, header) + "\n")
     for e in errors:
         print(f"verydeep classify: error: {e}", file=sys.stderr)
     return 1 if errors else 0
+
+
+def _expand(item: str) -> list[str]:
+    """A folder (scanned) or '-' (paths on stdin) -> its images; any other path is one image."""
+    from pathlib import Path
+
+    from verydeep.data.images import resolve_inputs
+
+    if item == "-" or Path(item).is_dir():
+        return [str(p) for p in resolve_inputs(item)]
+    return [item]

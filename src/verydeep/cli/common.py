@@ -12,11 +12,13 @@ from verydeep.core.defaults import default_device as resolve_device
 from verydeep.core.tables import format_table as table
 
 __all__ = [
+    "add_alias",
     "add_command",
     "add_device_options",
     "add_json_option",
     "add_model_options",
     "add_weights_options",
+    "precision_report",
     "print_json",
     "print_skipped",
     "resolve_device",
@@ -30,9 +32,15 @@ def add_command(
     """Register subcommand ``name``: ``help`` is its line in ``verydeep --help``; ``examples`` are
     printed after its options as written (argparse would re-wrap them)."""
     kwargs.setdefault("description", help[:1].upper() + help[1:] + ".")
-    return sub.add_parser(
-        name, help=help, epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs
-    )
+    p = sub.add_parser(name, help=help, epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+    # --debug works after the subcommand too; SUPPRESS keeps one given before it
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    return p
+
+
+def add_alias(p: argparse._ActionsContainer, old: str, *, dest: str, **kwargs: Any) -> None:
+    """Accept ``old``, another spelling of option ``dest``, without listing it in ``--help``."""
+    p.add_argument(old, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
 
 
 def add_weights_options(p: argparse._ActionsContainer, default: str | None = "vgg16") -> None:
@@ -59,6 +67,19 @@ def add_model_options(p: argparse._ActionsContainer, precision_default: str = "f
     """The options of every command that runs a model: which weights, on which device, how precise."""
     add_weights_options(p)
     add_device_options(p, precision_default)
+
+
+def precision_report(model: Any, precision: str, device: str, *, command: str, quiet: bool = False) -> dict[str, str]:
+    """What ``--precision`` will really compute in, for tables and ``--json``; the reason goes to
+    stderr (unless ``quiet``) when it differs from what was asked (bf16 on a CPU without it)."""
+    computed, why = precision, ""
+    if precision != "fp32" and callable(getattr(model, "optimized", None)):  # the fast path decides
+        from verydeep.runtime.plan import effective_precision
+
+        computed, why = effective_precision(precision, device)
+    if why and not quiet:
+        print(f"verydeep {command}: {why}", file=sys.stderr)
+    return {"requested": precision, "computed": computed, "note": why}
 
 
 def add_json_option(p: argparse._ActionsContainer) -> None:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from verydeep.cli.common import add_command, add_json_option, add_model_options, print_json, print_skipped
+from verydeep.cli.common import (
+    add_command,
+    add_json_option,
+    add_model_options,
+    precision_report,
+    print_json,
+    print_skipped,
+)
 
 EPILOG = """\
 examples:
@@ -30,7 +37,7 @@ examples:
 #: Options handed to :class:`~verydeep.evaluate.protocols.Protocol` and to
 #: :func:`~verydeep.evaluate.run.evaluate` as they are (same names).
 PROTOCOL_OPTIONS = "interpolation grid grid_size dense_average".split()
-RUN_OPTIONS = "precision batch_size max_batch workers scores resume checkpoint_every".split()
+RUN_OPTIONS = "precision batch_size max_batch workers scores resume overwrite checkpoint_every".split()
 
 
 def add_parser(sub: Any) -> None:
@@ -82,6 +89,7 @@ def add_parser(sub: Any) -> None:
     scores = "write per-image soft-max, labels and ids (partial results go to OUT.npz.parts/)"
     g.add_argument("--scores", metavar="OUT.npz", help=scores)
     g.add_argument("--resume", action="store_true", help="continue the run whose partial results are next to --scores")
+    g.add_argument("--overwrite", action="store_true", help="recompute even if --scores holds a finished run")
     flush = "flush partial results this often (default: %(default)s)"
     g.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS", help=flush)
     g.add_argument("--predictions", metavar="OUT.csv", help="write each image's top-5 classes")
@@ -135,12 +143,21 @@ def _evaluate(args: argparse.Namespace, ctx: Any) -> tuple[Any, Any]:
     protocol = Protocol.make(args.protocol, args.scales, flip=not args.no_flip, **protocol_options)
     with distributed.main_rank_first(ctx):  # rank 0 fills the weights cache; the others then read it
         model = load(args.weights, args.prototxt, device=device, progress=ctx.is_main)
-    run_info = {"weights": str(args.weights), "data": str(args.data), "labels": args.labels}
+    precision = precision_report(model, args.precision, device, command="evaluate", quiet=not ctx.is_main)
+    run_info = {"weights": str(args.weights), "data": str(args.data), "labels": args.labels, "precision": precision}
     options = {name: getattr(args, name) for name in RUN_OPTIONS}
     result = evaluate(
         model, data, protocol, device=device, progress=not args.no_progress, ctx=ctx, run_info=run_info, **options
     )
     return result, getattr(model, "class_names", None)
+
+
+def _computed_precision(report: Any) -> str:
+    """The precision the run computed in (``bf16 -> fp32`` when it fell back)."""
+    if not isinstance(report, dict):
+        return str(report or "fp32")
+    asked, done = report.get("requested"), report.get("computed")
+    return str(done) if asked == done else f"{asked} -> {done}"
 
 
 def _fmt(value: float | None) -> str:
@@ -178,6 +195,7 @@ def _report(args: argparse.Namespace, result: Any, names: Any) -> None:
         _fmt(m.get("top5_accuracy_pct")),
         f"{summary['wall_s']:.1f}",
         f"{summary['images_per_s']:.1f}",
+        _computed_precision(result.run.get("precision")),
     ]
     header = [
         "protocol",
@@ -190,6 +208,7 @@ def _report(args: argparse.Namespace, result: Any, names: Any) -> None:
         "top-5 acc %",
         "wall s",
         "images/s",
+        "precision",
     ]
     print(format_table([row], header))
     print_skipped([(x["id"], x["reason"]) for x in result.failed], "", "see --json or the scores file")

@@ -67,11 +67,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from verydeep.errors import VerydeepError
     from verydeep.formats.export import FORMATS as WRITERS
     from verydeep.formats.export import export
     from verydeep.hub.loader import load
 
     out = args.output or Path(str(args.weights)).stem + ("_dense" if args.dense else "") + WRITERS[args.format][2]
+    if Path(out).resolve() == Path(str(args.weights)).resolve():
+        raise VerydeepError(f"the output {out} is the input file; pass -o OTHER.{Path(out).suffix.lstrip('.')}")
     model = load(args.weights, args.prototxt, device="cpu")
     report = export(
         model,

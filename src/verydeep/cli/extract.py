@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from verydeep.cli.common import add_command, add_json_option, add_model_options, print_json, print_skipped
+from verydeep.cli.common import (
+    add_command,
+    add_json_option,
+    add_model_options,
+    precision_report,
+    print_json,
+    print_skipped,
+)
 
 EXAMPLES = """examples:
   verydeep extract photos/ --layer fc7 -o fc7.npy
@@ -72,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         inputs = resolve_inputs(args.data)
         with distributed.main_rank_first(ctx):  # rank 0 fills the weights cache; the others then read it
             model = load(args.weights, args.prototxt, progress=ctx.is_main)
+        device = distributed.device_for(ctx, args.device)
+        precision = precision_report(model, args.precision, device, command="extract", quiet=not ctx.is_main)
         options = {name: getattr(args, name) for name in FORWARDED}
         result = extract(model, inputs, args.layer, args.output, ctx=ctx, progress=not args.no_progress, **options)
     finally:
@@ -79,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if result is None:  # not rank 0
         return 0
     if args.json:
-        print_json(result.as_dict())
+        print_json({**result.as_dict(), "precision": precision})
         return 0
     shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in result.shapes.items())
     print(f"wrote {result.output}: {result.rows} of {result.images} images ({shapes})")

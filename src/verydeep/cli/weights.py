@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from verydeep.cli.common import add_command, add_json_option, print_json, table
 
@@ -46,5 +47,9 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "download":
         print(fetch(args.name))
     else:
-        print(cached_path(args.name))
+        path = cached_path(args.name)
+        print(path)
+        if not path.exists():
+            print(f"verydeep weights path: {path} is not there yet; `verydeep weights download {args.name}` fetches it",
+                  file=sys.stderr)  # fmt: skip
     return 0

@@ -42,6 +42,8 @@ def atomic_path(path: str | os.PathLike[str], *, durable: bool = False) -> Itera
     tmp = temp_path(path)
     try:
         yield tmp
+        if tmp.exists():  # writers that create private files (safetensors: 0600) get the usual mode
+            os.chmod(tmp, _usual_mode())
         if durable:
             _fsync(tmp)
         os.replace(tmp, path)
@@ -50,6 +52,13 @@ def atomic_path(path: str | os.PathLike[str], *, durable: bool = False) -> Itera
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _usual_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask (0644 under umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _fsync(path: Path) -> None:

@@ -30,12 +30,25 @@ def dtype_of(precision: str) -> torch.dtype:
 
 
 def default_device(device: str | None = None) -> str:
-    """``device`` if given, else ``"cuda"`` where a GPU is visible, else ``"cpu"``."""
-    if device:
-        return device
+    """``device`` if given (checked: asking for a GPU that is not there is a one-line error),
+    else ``"cuda"`` where a GPU is visible, else ``"cpu"``."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = device.split(":", 1)[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        from verydeep.errors import VerydeepError
+
+        build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+        raise VerydeepError(
+            f"--device {device}: no CUDA GPU is visible to PyTorch {torch.__version__} ({build}); use --device cpu"
+        )
+    if kind == "cuda" and ":" in device and int(device.split(":", 1)[1] or 0) >= torch.cuda.device_count():
+        from verydeep.errors import VerydeepError
+
+        raise VerydeepError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return device
 
 
 def available_cpus() -> int:

@@ -47,6 +47,19 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def check_same_run(
+    saved: Mapping[str, Any], wanted: Mapping[str, Any], *, where: str, remedy: str, adopt: Collection[str] = ()
+) -> None:
+    """Refuse to continue (or report) a run whose record differs from the one asked for, naming
+    the first key that differs, its saved and its requested value; ``adopt`` keys may differ."""
+    for key in [*wanted, *(k for k in saved if k not in wanted)]:
+        if key not in adopt and saved.get(key) != wanted.get(key):
+            raise VerydeepError(
+                f"{where}: cannot resume: {key} was {json.dumps(saved.get(key))}, "
+                f"now {json.dumps(wanted.get(key))}; use the same inputs and options, or {remedy}"
+            )
+
+
 class ChunkStore:
     """``folder/``: ``manifest`` (what the run computes) and ``<prefix>-NNNNNNN.npz`` per chunk.
 
@@ -170,10 +183,4 @@ class ChunkStore:
         return found
 
     def _check(self, saved: Mapping[str, Any], wanted: Mapping[str, Any], adopt: Collection[str]) -> None:
-        """Refuse to continue a run whose manifest differs from this one's, naming the first key."""
-        for key in [*wanted, *(k for k in saved if k not in wanted)]:
-            if key not in adopt and saved.get(key) != wanted.get(key):
-                raise VerydeepError(
-                    f"{self.folder}: cannot resume: {key} was {json.dumps(saved.get(key))}, "
-                    f"now {json.dumps(wanted.get(key))}; use the same inputs and options, or {self.start_over}"
-                )
+        check_same_run(saved, wanted, where=str(self.folder), adopt=adopt, remedy=self.start_over)

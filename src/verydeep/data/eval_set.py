@@ -23,6 +23,8 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 
 from verydeep.data.choices import LAYOUTS
@@ -128,6 +130,15 @@ def read_meta_mat(path: str | os.PathLike) -> dict[int, str]:
 
 def _index_of(wnids: Sequence[str]) -> dict[str, int]:
     return {w: i for i, w in enumerate(sorted(wnids))}
+
+
+@lru_cache(maxsize=1)
+def ilsvrc2012_wnids() -> tuple[str, ...]:
+    """The 1000 ILSVRC-2012 WordNet ids in the models' output order (sorted), shipped with the
+    package (``ilsvrc2012_wnids.txt``: the list timm publishes as ``imagenet_synsets.txt``, the
+    same order as Caffe's ``synset_words.txt``)."""
+    text = resources.files("verydeep.data").joinpath("ilsvrc2012_wnids.txt").read_text(encoding="ascii")
+    return tuple(text.split())
 
 
 # -- layouts ------------------------------------------------------------------------------------
@@ -317,6 +328,19 @@ def open_eval_set(
             "is DATA the folder that holds them?"
         )
     return ds
+
+
+def fit_classes(ds: EvalSet, num_classes: int) -> EvalSet:
+    """``ds`` with its class indices in a 1000-class model's output order when its classes are
+    some of ILSVRC-2012's WordNet ids (a ``val/<wnid>/`` subset of ImageNet); else ``ds``."""
+    wnids = ilsvrc2012_wnids()
+    if num_classes != len(wnids) or ds.labels is None or ds.classes is None or len(ds.classes) == len(wnids):
+        return ds
+    position = {w: i for i, w in enumerate(wnids)}
+    if not all(c in position for c in ds.classes):
+        return ds
+    labels = tuple(position[ds.classes[label]] for label in ds.labels)
+    return replace(ds, labels=labels, classes=wnids)
 
 
 def check_labels(ds: EvalSet, num_classes: int) -> None:

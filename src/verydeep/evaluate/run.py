@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader
 
 from verydeep.core import distributed
 from verydeep.core.defaults import default_workers
-from verydeep.core.store import ChunkStore, model_fingerprint
-from verydeep.data.eval_set import EvalSet, check_labels
+from verydeep.core.store import ChunkStore, check_same_run, model_fingerprint
+from verydeep.data.eval_set import EvalSet, check_labels, fit_classes
 from verydeep.data.images import Failed, ImageDataset, collate_skipping, failed_from_json, failed_to_json
 from verydeep.errors import VerydeepError
 from verydeep.evaluate.protocols import Protocol
@@ -137,6 +137,7 @@ def score_chunks(
     exit_after = int(os.environ.get(EXIT_AFTER_ENV, "0") or 0)
     labels = np.asarray(data.labels, dtype=np.int64) if data.labels is not None else None
     bar = _Progress(sum(len(images) for _, images in wanted), progress, protocol.describe(), labels)
+    scorer.on_progress = bar.advance
     pending: list[ChunkResult] = []
     fresh: list[ChunkResult] = []
     last_flush = time.monotonic()
@@ -170,10 +171,19 @@ class _Progress:
             self.bar = tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True, smoothing=0.05)
         self.labels = labels
         self.hits = np.zeros(3, dtype=np.int64)  # images, top-1, top-5
+        self.partial = 0.0  # images' worth of the current chunk already shown
+
+    def advance(self, images: float) -> None:
+        """Show work inside a chunk as it is done (the rate is visible from the first pass)."""
+        if self.bar is not None:
+            self.partial += images
+            self.bar.update(images)
 
     def update(self, images: int, result: ChunkResult) -> None:
+        """A chunk is done: its images count whole (unreadable ones too), and the errors update."""
         if self.bar is None:
             return
+        images_left, self.partial = images - self.partial, 0.0
         if self.labels is not None and len(result.indices):
             truth = self.labels[result.indices]
             self.hits += [
@@ -181,7 +191,7 @@ class _Progress:
                 topk_correct(result.probs, truth, 1).sum(),
                 topk_correct(result.probs, truth, 5).sum(),
             ]
-        self.bar.update(images)
+        self.bar.update(images_left)
         if self.hits[0]:
             n, top1, top5 = self.hits
             self.bar.set_postfix(
@@ -208,6 +218,7 @@ def evaluate(
     workers: int | None = None,
     scores: str | os.PathLike[str] | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     checkpoint_every: float = 60.0,
     progress: bool = True,
     ctx: distributed.Context | None = None,
@@ -217,8 +228,10 @@ def evaluate(
 
     ``scores``: write per-image soft-max outputs there (.npz), flushing partial results to
     ``<scores>.parts/`` every ``checkpoint_every`` seconds so ``resume=True`` can continue a
-    killed run. Under torchrun, ranks share the chunks and rank 0 returns (and writes) the
-    merged result; other ranks return None.
+    killed run. A finished scores file is reported by ``resume=True`` when it was computed by the
+    same run, replaced with ``overwrite=True``, and otherwise left alone (an error). Under
+    torchrun, ranks share the chunks and rank 0 returns (and writes) the merged result; other
+    ranks return None.
     """
     started = time.perf_counter()
     protocol = Protocol.make(protocol) if isinstance(protocol, str) else protocol
@@ -226,6 +239,7 @@ def evaluate(
     device = distributed.device_for(ctx, device)
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     if num_classes:
+        data = fit_classes(data, num_classes)
         check_labels(data, num_classes)
     if resume and scores is None:
         raise VerydeepError("--resume needs --scores OUT.npz (where the partial results are kept)")
@@ -240,10 +254,14 @@ def evaluate(
     store = parts_store(scores) if scores is not None else None
     done: dict[int, ChunkResult] = {}
     if store is not None and scores is not None:
-        if resume and not store.exists() and Path(scores).exists():  # already complete: report it
+        if Path(scores).exists() and not store.exists() and not overwrite:  # a finished run
+            if not resume:
+                raise VerydeepError(
+                    f"{scores}: exists (a finished run); pass --resume to report it, or --overwrite to recompute it"
+                )
             distributed.barrier(ctx)
             return _finished(Path(scores), state, ctx)
-        store.begin(state, resume=resume, ctx=ctx, adopt=RECORDED_ONLY)
+        store.begin(state, resume=resume, overwrite=overwrite, ctx=ctx, adopt=RECORDED_ONLY)
         done = read_chunks(store, set(mine))
 
     model = model.to(device).eval()
@@ -264,7 +282,8 @@ def evaluate(
     if gathered is None:  # not rank 0
         return None
     run = {**(run_info or {}), "layout": data.layout, "root": str(data.root), "set_images": len(data)}
-    run.update(precision=precision, protocol_text=protocol.describe())
+    run.setdefault("precision", precision)  # the caller's report of what was computed wins
+    run.update(protocol_text=protocol.describe(), state=state)
     result = merge_chunks(
         [r for results, _ in gathered for r in results], chunks, data, protocol, num_classes=num_classes, run=run
     )
@@ -317,12 +336,10 @@ def _finished(path: Path, state: dict[str, Any], ctx: distributed.Context) -> Ev
     if not ctx.is_main:
         return None
     result = load_scores(path)
-    saved_protocol = json.loads(json.dumps(result.protocol))
-    if saved_protocol != state["protocol"]:
-        raise VerydeepError(
-            f"{path}: cannot resume: it holds protocol {json.dumps(saved_protocol)}, "
-            f"now {json.dumps(state['protocol'])}"
-        )
+    saved = result.run.get("state")
+    if not isinstance(saved, dict):
+        raise VerydeepError(f"{path}: holds no record of the run that wrote it; pass --overwrite to recompute it")
+    check_same_run(saved, state, where=str(path), adopt=RECORDED_ONLY, remedy="pass --overwrite to recompute it")
     return result
 
 

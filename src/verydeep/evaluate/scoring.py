@@ -62,6 +62,10 @@ class Scorer:
         self.dense_forward = dense_forward
         self.device = torch.device(device)
         self.max_batch = max(1, int(max_batch))
+        #: Called with the images' worth of work each forward pass finished (fractions when a
+        #: pass covers one scale of several, or one half of the combined protocol): progress bars
+        #: move per pass, not per chunk.
+        self.on_progress: Callable[[float], None] = lambda images: None
 
     @torch.inference_mode()
     def __call__(self, items: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
@@ -71,7 +75,7 @@ class Scorer:
             return self.crop_probs(items)
         if p.name == "dense":
             return self.dense_probs(items)
-        return (self.dense_probs(items) + self.crop_probs(items)) / 2
+        return (self.dense_probs(items, share=0.5) + self.crop_probs(items, share=0.5)) / 2
 
     def _caffe(self, image: torch.Tensor) -> torch.Tensor:
         return to_caffe(image.to(self.device, non_blocking=True))
@@ -89,7 +93,7 @@ class Scorer:
     def _softmax(self, scores: torch.Tensor) -> torch.Tensor:
         return torch.softmax(scores.float(), dim=1)
 
-    def crop_probs(self, items: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    def crop_probs(self, items: Sequence[Sequence[torch.Tensor]], *, share: float = 1.0) -> torch.Tensor:
         forward = self.forward
         if forward is None:
             raise VerydeepError(f"protocol {self.protocol.name} needs the classic net's forward")
@@ -100,10 +104,11 @@ class Scorer:
         def run() -> None:
             if not pending:
                 return
-            x = torch.cat(pending)
+            x, images = torch.cat(pending), len(pending)
             pending.clear()
             for i in range(0, x.shape[0], self.max_batch):
                 results.append(self._softmax(forward(x[i : i + self.max_batch])))
+            self.on_progress(images * share)
 
         for scaled in items:
             crops = self._crops_of(scaled)
@@ -116,7 +121,7 @@ class Scorer:
         probs = torch.cat(results).view(len(items), s, k, -1)
         return probs.mean(dim=2).mean(dim=1).cpu()
 
-    def dense_probs(self, items: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    def dense_probs(self, items: Sequence[Sequence[torch.Tensor]], *, share: float = 1.0) -> torch.Tensor:
         dense_forward = self.dense_forward
         if dense_forward is None:
             raise VerydeepError("the dense protocol needs the fully convolutional net (model.dense())")
@@ -147,6 +152,7 @@ class Scorer:
                     if mean is None:
                         mean = torch.zeros(n, probs.shape[1])
                     mean[idx] = probs.cpu()
+                    self.on_progress(len(idx) * share / len(scales))
             if mean is not None:
                 per_scale.append(mean)
         if n == 0:

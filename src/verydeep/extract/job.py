@@ -16,6 +16,7 @@ listed in the result and in ``OUT.failed.tsv``.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import sys
@@ -31,9 +32,9 @@ from torch.utils.data import DataLoader
 
 from verydeep.configs import CROP
 from verydeep.core import distributed
-from verydeep.core.atomic import write_text
+from verydeep.core.atomic import write_json, write_text
 from verydeep.core.defaults import PRECISIONS, default_workers
-from verydeep.core.store import ChunkStore, model_fingerprint
+from verydeep.core.store import ChunkStore, check_same_run, model_fingerprint
 from verydeep.data.images import Failed, ImageDataset, collate_skipping, failed_from_json, failed_to_json
 from verydeep.data.preprocess import RESIZE, center_crop_caffe
 from verydeep.errors import VerydeepError
@@ -108,10 +109,8 @@ def extract(
         raise VerydeepError("no input images")
     ctx = ctx or distributed.Context()
     store = parts_store(out)
-    if resume and out.exists() and not store.exists():
-        return _finished(out, layers, len(paths))  # an earlier run completed: nothing to do
     if out.exists() and not (resume or overwrite or store.exists()):
-        raise VerydeepError(f"{out}: exists; pass --overwrite to replace it")
+        raise VerydeepError(f"{out}: exists; pass --resume to report it (same run), or --overwrite to replace it")
     dev = torch.device(distributed.device_for(ctx, device))
     model = model.to(dev).eval()
     shapes = _row_shapes(model, layers, pool, crop, dev)
@@ -128,6 +127,10 @@ def extract(
         "output": out.suffix.lower(),
         "chunk": chunk_size or _auto_chunk(shapes, batch_size),
     }
+    if resume and out.exists() and not store.exists() and not overwrite:  # an earlier run completed
+        saved = _run_record(out)
+        check_same_run(saved, manifest, where=str(out), adopt=("chunk",), remedy="pass --overwrite to replace it")
+        return _finished(out, layers, len(paths))
     # The chunk size of the earlier run wins: the chunks already written fix it.
     manifest = store.begin(manifest, resume=resume, overwrite=overwrite, ctx=ctx, adopt=("chunk",))
     chunk = int(manifest["chunk"])
@@ -311,8 +314,28 @@ def merge(
         files.append(str(failed_list))
     else:
         failed_list.unlink(missing_ok=True)
+    write_json(_run_record_path(out), manifest)  # what a later --resume checks the finished file against
+    files.append(str(_run_record_path(out)))
     store.remove()
     return ExtractResult(str(out), len(paths), rows, shapes, failed, files, chunks_reused=reused)
+
+
+def _run_record_path(out: Path) -> Path:
+    return out.with_name(out.name + ".run.json")
+
+
+def _run_record(out: Path) -> dict[str, Any]:
+    """The manifest of the run that wrote ``out`` (a JSON file beside it)."""
+    path = _run_record_path(out)
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise VerydeepError(
+            f"{out}: exists without {path.name}, the record of the run that wrote it; pass --overwrite to replace it"
+        ) from None
+    if not isinstance(saved, dict):
+        raise VerydeepError(f"{path}: not a run record (a JSON object); pass --overwrite to replace {out}")
+    return saved
 
 
 def _finished(out: Path, layers: list[str], n: int) -> ExtractResult:

@@ -100,9 +100,10 @@ def _torch_load(path: Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, zip errors, refused globals: all mean "not a plain state dict"
+        what = "a pickled object (a whole model?)" if "weights_only" in str(e) else "not a readable torch file"
         raise WeightsError(
-            f"{path}: not a state dict that loads with weights_only=True "
-            f"({type(e).__name__}: {str(e).splitlines()[0]}); save it with torch.save(model.state_dict(), path)"
+            f"{path}: {what}, not a state dict that loads with weights_only=True ({type(e).__name__}: "
+            f"{_first_sentence(str(e))}); save it with torch.save(model.state_dict(), path)"
         ) from None
     # Training checkpoints often wrap the state dict.
     for key in ("state_dict", "model_state_dict", "model"):
@@ -115,6 +116,13 @@ def _torch_load(path: Path) -> dict[str, Any]:
     if obj and all(k.startswith(prefix) for k in obj):
         obj = {k[len(prefix) :]: v for k, v in obj.items()}
     return obj
+
+
+def _first_sentence(message: str, limit: int = 160) -> str:
+    """The first sentence of an exception's text, without terminal colour codes, cut at a word."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", message).strip().splitlines()[0] if message.strip() else "no message"
+    text = text.split(". ")[0].rstrip(".")
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def load_torchvision_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -132,7 +140,7 @@ def load_torchvision_state(path: str | os.PathLike) -> tuple[dict[str, torch.Ten
         spec = _spec_from_verydeep(raw, path)
         meta.update(spec)
         return {k: v.to(torch.float32) for k, v in raw.items()}, meta
-    if any(k.endswith("running_mean") for k in raw):
+    if any(k.endswith("running_mean") for k in raw) and any(k.startswith("features.") for k in raw):
         raise WeightsError(f"{path}: a batch-norm VGG (vgg*_bn): not a Table 1 net, not supported")
     feats = sorted({int(m.group(1)) for k in raw if (m := re.fullmatch(r"features\.(\d+)\.weight", k))})
     if not feats or "classifier.6.weight" not in raw:

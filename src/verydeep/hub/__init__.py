@@ -11,9 +11,29 @@ The file formats themselves live in :mod:`verydeep.formats`; this package decide
 to use and where the bytes come from.
 """
 
-from verydeep.hub.cache import cached_path, download_path, fetch
-from verydeep.hub.loader import load
-from verydeep.hub.registry import REGISTRY, PaperResult, WeightsEntry, get_entry, list_weights
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from verydeep.hub.cache import cached_path, download_path, fetch
+    from verydeep.hub.loader import load
+    from verydeep.hub.registry import REGISTRY, PaperResult, WeightsEntry, get_entry, list_weights
+
+#: Public name -> its module. Imported on first use: the registry and the cache paths need no
+#: torch (``verydeep weights list`` stays quick), loading does.
+_DEFINED_IN = {
+    "cached_path": "verydeep.hub.cache",
+    "download_path": "verydeep.hub.cache",
+    "fetch": "verydeep.hub.cache",
+    "load": "verydeep.hub.loader",
+    "REGISTRY": "verydeep.hub.registry",
+    "PaperResult": "verydeep.hub.registry",
+    "WeightsEntry": "verydeep.hub.registry",
+    "get_entry": "verydeep.hub.registry",
+    "list_weights": "verydeep.hub.registry",
+}
 
 __all__ = [
     "REGISTRY",
@@ -26,3 +46,9 @@ __all__ = [
     "list_weights",
     "load",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DEFINED_IN:
+        return getattr(importlib.import_module(_DEFINED_IN[name]), name)
+    raise AttributeError(f"module 'verydeep.hub' has no attribute {name!r}")

@@ -13,10 +13,7 @@ from pathlib import Path
 
 from verydeep.core.paths import home
 from verydeep.errors import WeightsError
-from verydeep.formats.caffe.load import load_caffemodel
-from verydeep.formats.safetensors import save_safetensors
-from verydeep.hub.download import download, verify
-from verydeep.hub.registry import get_entry, url_of
+from verydeep.hub.registry import get_entry, list_weights, url_of
 
 
 def cached_path(name: str) -> Path:
@@ -31,6 +28,11 @@ def download_path(name: str) -> Path:
 
 def fetch(name: str, *, progress: bool = True) -> Path:
     """Make sure the registry model ``name`` is in the cache as safetensors; return its path."""
+    # The converters import torch: only fetching pays for them, not listing or locating the cache.
+    from verydeep.formats.caffe.load import load_caffemodel
+    from verydeep.formats.safetensors import save_safetensors
+    from verydeep.hub.download import download, verify
+
     entry = get_entry(name)
     target = cached_path(name)
     if target.exists():
@@ -44,7 +46,7 @@ def fetch(name: str, *, progress: bool = True) -> Path:
     except WeightsError as e:
         raise WeightsError(
             f"{e}. Without network: download {entry.url} ({entry.size:,} bytes, md5 {entry.md5}) "
-            f"and pass --weights /path/to/{entry.filename}, or put it at {source}"
+            f"and give its path (/path/to/{entry.filename}) where you gave {name!r}, or put it at {source}"
         ) from None
     model = load_caffemodel(source)
     save_safetensors(model, target, source=entry.url, source_sha256=sha256, license=entry.license)
@@ -54,8 +56,6 @@ def fetch(name: str, *, progress: bool = True) -> Path:
 
 def describe_registry() -> list[dict[str, object]]:
     """One row per registry entry, with whether it is in the cache (for ``verydeep weights list``)."""
-    from verydeep.hub.registry import list_weights
-
     return [
         {
             "name": e.name,

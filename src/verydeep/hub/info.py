@@ -10,11 +10,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from verydeep.configs import CROP
+from verydeep.configs import CROP, NetSpec
 from verydeep.errors import VerydeepError
 from verydeep.formats.caffe import CaffeGraph, read_caffemodel, read_prototxt, vgg_spec
 from verydeep.formats.safetensors import read_metadata
-from verydeep.hub.cache import fetch
+from verydeep.hub.cache import cached_path, fetch
 from verydeep.hub.loader import load
 from verydeep.hub.registry import REGISTRY
 from verydeep.models.build import build_vgg
@@ -78,6 +78,10 @@ def summarize(source: str | os.PathLike[str], prototxt: str | os.PathLike[str] |
         model: nn.Module = build_vgg(spec) if spec else CaffeGraph(net, source=str(path))
         if spec:
             model = model.to_empty(device="cpu")
+    elif text in REGISTRY and not cached_path(text).exists():  # the registry knows the net: no download
+        entry = REGISTRY[text]
+        info["format"] = f"registry entry {text} (weights not downloaded: {entry.filename}, {entry.size:,} bytes)"
+        model = build_vgg(NetSpec(entry.config, entry.num_classes)).to_empty(device="cpu")
     else:
         if text in REGISTRY:
             path = fetch(text)

@@ -7,6 +7,7 @@ onto the module by name. Pooling rounds up like Caffe's. The input space is Caff
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -74,6 +75,7 @@ class VGG(nn.Module):
         for spec in self.specs:
             self.add_module(spec.name, _make_layer(spec, self.lrn_k))
         self.layer_names: list[str] = [s.name for s in self.specs] + ["prob"]
+        self._input_checked = False
 
     # -- construction helpers -------------------------------------------------------------
     @property
@@ -134,6 +136,8 @@ class VGG(nn.Module):
     # -- forward ------------------------------------------------------------------------
     def _run(self, x: torch.Tensor, stop: str | None, taps: set[str] | None) -> tuple[torch.Tensor, dict]:
         """Run layers in order; collect ``taps``; stop after layer ``stop``."""
+        check_input(x, values=not self._input_checked)
+        self._input_checked = True
         out: dict[str, torch.Tensor] = {}
         tapped = False  # was the previous layer's output tapped?
         for spec in self.specs:
@@ -207,6 +211,8 @@ class DenseVGG(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.model
+        check_input(x, values=not m._input_checked)
+        m._input_checked = True
         for spec in m.specs:
             if spec.kind == "fc":
                 fc = m.linear(spec.name)
@@ -219,6 +225,35 @@ class DenseVGG(nn.Module):
             else:
                 x = m.layer(spec.name)(x)
         return x
+
+
+#: Caffe-space input reaches |x| > 100 in any real image (black minus the mean pixel is about
+#: -104..-124); 0..1 RGB and mean/std-normalised RGB stay within a few units.
+SMALL_INPUT = 3.0
+
+
+class InputSpaceWarning(UserWarning):
+    """The input does not look like Caffe space (BGR, 0..255, mean pixel subtracted)."""
+
+
+def check_input(x: torch.Tensor, *, values: bool = True) -> None:
+    """A one-line error for a tensor that is not a batch of 3-channel images, and (``values``) a
+    warning for values in the range of 0..1 or mean/std-normalised RGB, the most common VGG
+    mistake. The models look at the values of their first input only: reading them back is a
+    device synchronisation that a training step should not pay."""
+    if x.dim() != 4 or x.shape[1] != 3:
+        hint = "; add the batch dimension: x.unsqueeze(0)" if x.dim() == 3 and x.shape[0] == 3 else ""
+        raise VerydeepError(f"VGG input: expected a batch N x 3 x H x W, found shape {tuple(x.shape)}{hint}")
+    if not values or torch.jit.is_tracing() or torch.compiler.is_compiling() or not x.numel():
+        return
+    peak = float(x.detach().abs().amax())
+    if 0 < peak <= SMALL_INPUT:
+        warnings.warn(
+            f"VGG input looks like 0..1 or mean/std-normalised RGB (max |x| = {peak:.3g}); the model takes "
+            "Caffe space: BGR, 0..255, mean pixel subtracted (model.preprocess(images) makes it)",
+            InputSpaceWarning,
+            stacklevel=3,
+        )
 
 
 def spatial_average(score_map: torch.Tensor) -> torch.Tensor:

@@ -61,7 +61,16 @@ from verydeep.runtime.compiled import compile_cache_dir
 from verydeep.runtime.cpu import max_pool_nhwc
 from verydeep.runtime.cuda import tf32_off, triton_max_pool
 from verydeep.runtime.executor import FastDenseVGG, FastVGG, optimize
-from verydeep.runtime.plan import BLOCKED_STAGES, CACHE_BYTES, CUDA_PLAN, MAX_GRAPHS, TOLERANCE, Plan, make_plan
+from verydeep.runtime.plan import (
+    BLOCKED_STAGES,
+    CACHE_BYTES,
+    CUDA_PLAN,
+    MAX_GRAPHS,
+    TOLERANCE,
+    Plan,
+    effective_precision,
+    make_plan,
+)
 
 __all__ = [
     "BLOCKED_STAGES",
@@ -75,6 +84,7 @@ __all__ = [
     "compile_cache_dir",
     "cpu_flags",
     "cpu_model",
+    "effective_precision",
     "make_plan",
     "max_pool_nhwc",
     "native",

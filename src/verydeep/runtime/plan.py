@@ -173,3 +173,11 @@ def make_plan(
         compile=bool(compile),
         notes=tuple(notes),
     )
+
+
+def effective_precision(precision: str, device: str | torch.device = "cpu") -> tuple[str, str]:
+    """(the precision the fast path computes ``precision`` requests in on ``device``, and why
+    when that differs): bf16 on a CPU without native bf16 is computed in fp32, say."""
+    plan = make_plan(precision, device)
+    why = next((n for n in plan.notes if n.startswith(f"{precision} is not native")), "")
+    return plan.dtype, why
