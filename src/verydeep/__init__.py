@@ -13,8 +13,9 @@ command line's ``--help``) does not pay for torch. The packages behind them are 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from verydeep.core.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from verydeep.configs import MEAN_BGR, TABLE_1, NetSpec
@@ -57,12 +58,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _DEFINED_IN:
-        value = getattr(importlib.import_module(_DEFINED_IN[name]), name)
-        globals()[name] = value  # later lookups skip this function
-        return value
-    raise AttributeError(f"module 'verydeep' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _DEFINED_IN)
 
 
 def __dir__() -> list[str]:

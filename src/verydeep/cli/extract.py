@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from verydeep.cli.common import (
-    add_command,
-    add_json_option,
-    add_model_options,
-    precision_report,
-    print_json,
-    print_skipped,
-)
+from verydeep.cli import common
 
 EXAMPLES = """examples:
   verydeep extract photos/ --layer fc7 -o fc7.npy
@@ -40,7 +33,7 @@ FORWARDED = "pool batch_size workers size crop resume overwrite device precision
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     what = "extract features (fc7, pool5, relu4_3, ...) of many images to .npy/.npz/.parquet/.h5"
-    p = add_command(sub, "extract", help=what, examples=EXAMPLES)
+    p = common.add_command(sub, "extract", help=what, examples=EXAMPLES)
     p.add_argument("data", metavar="DATA", help="folder, list file, or '-' (paths on stdin)")
     p.add_argument("--layer", action="append", required=True, metavar="NAME", help="Caffe layer name (repeatable)")
     p.add_argument(
@@ -60,8 +53,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same options")
     p.add_argument("--overwrite", action="store_true", help="replace OUT and any partial results")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_model_options(p)
-    add_json_option(p)
+    common.add_model_options(p)
+    common.add_json_option(p)
     p.set_defaults(run=run)
 
 
@@ -80,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         with distributed.main_rank_first(ctx):  # rank 0 fills the weights cache; the others then read it
             model = load(args.weights, args.prototxt, progress=ctx.is_main)
         device = distributed.device_for(ctx, args.device)
-        precision = precision_report(model, args.precision, device, command="extract", quiet=not ctx.is_main)
+        precision = common.precision_report(model, args.precision, device, command="extract", quiet=not ctx.is_main)
         options = {name: getattr(args, name) for name in FORWARDED}
         result = extract(model, inputs, args.layer, args.output, ctx=ctx, progress=not args.no_progress, **options)
     finally:
@@ -88,11 +81,13 @@ def run(args: argparse.Namespace) -> int:
     if result is None:  # not rank 0
         return 0
     if args.json:
-        print_json({**result.as_dict(), "precision": precision})
+        common.print_json({**result.as_dict(), "precision": precision})
         return 0
     shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in result.shapes.items())
     print(f"wrote {result.output}: {result.rows} of {result.images} images ({shapes})")
     for extra in result.files[1:]:
         print(f"  and {extra}")
-    print_skipped([(f.path, f.reason) for f in result.failed], " (no row)", f"listed in {result.output}.failed.tsv")
+    common.print_skipped(
+        [(f.path, f.reason) for f in result.failed], " (no row)", f"listed in {result.output}.failed.tsv"
+    )
     return 0

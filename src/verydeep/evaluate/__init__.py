@@ -16,8 +16,9 @@ imported on first use, so ``import verydeep.evaluate.protocols`` does not load t
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from verydeep.core.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from verydeep.data.choices import INTERPOLATIONS
@@ -46,14 +47,24 @@ __all__ = [
     "save_scores",
     "write_predictions",
 ]
-#: Where the names are looked up, cheapest module first.
-_MODULES = ("protocols", "results", "scoring", "run", "classify")
-
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        for module in _MODULES:
-            found = importlib.import_module(f"{__name__}.{module}")
-            if hasattr(found, name):
-                return getattr(found, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: Public name -> the module that defines it (protocols and the option names need no torch).
+_DEFINED_IN = {
+    "DEFAULT_SCALES": "verydeep.evaluate.protocols",
+    "DENSE_AVERAGES": "verydeep.evaluate.protocols",
+    "GRIDS": "verydeep.evaluate.protocols",
+    "PROTOCOLS": "verydeep.evaluate.protocols",
+    "Protocol": "verydeep.evaluate.protocols",
+    "EXIT_AFTER_ENV": "verydeep.evaluate.run",
+    "evaluate": "verydeep.evaluate.run",
+    "INTERPOLATIONS": "verydeep.evaluate.protocols",
+    "EvalResult": "verydeep.evaluate.results",
+    "combine": "verydeep.evaluate.results",
+    "load_scores": "verydeep.evaluate.results",
+    "save_scores": "verydeep.evaluate.results",
+    "write_predictions": "verydeep.evaluate.results",
+    "RescaleToScales": "verydeep.evaluate.scoring",
+    "Scorer": "verydeep.evaluate.scoring",
+    "classify_files": "verydeep.evaluate.classify",
+    "predict": "verydeep.evaluate.classify",
+}
+__getattr__ = lazy_attributes(__name__, _DEFINED_IN)

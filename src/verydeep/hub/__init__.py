@@ -13,8 +13,9 @@ to use and where the bytes come from.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from verydeep.core.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from verydeep.hub.cache import cached_path, download_path, fetch
@@ -48,7 +49,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _DEFINED_IN:
-        return getattr(importlib.import_module(_DEFINED_IN[name]), name)
-    raise AttributeError(f"module 'verydeep.hub' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _DEFINED_IN)
