@@ -194,7 +194,7 @@ def _report(args: argparse.Namespace, result: Any, names: Any) -> None:
         _fmt(m.get("top1_accuracy_pct")),
         _fmt(m.get("top5_accuracy_pct")),
         f"{summary['wall_s']:.1f}",
-        f"{summary['images_per_s']:.1f}",
+        f"{summary['images_per_s']:.3g}",
         _computed_precision(result.run.get("precision")),
     ]
     header = [
