@@ -16,7 +16,19 @@ from collections.abc import Sequence
 from verydeep.errors import VerydeepError
 
 #: Subcommands in the order ``--help`` lists them.
-COMMANDS = ("classify", "info", "convert", "weights", "evaluate", "train", "plot", "extract", "export", "bench")
+COMMANDS = (
+    "classify",
+    "info",
+    "convert",
+    "weights",
+    "evaluate",
+    "train",
+    "plot",
+    "extract",
+    "export",
+    "bench",
+    "explain",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
