@@ -148,3 +148,24 @@ def run_cli(args: list[str], env: dict | None = None, check: bool = True, **kw) 
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def digits_image_folder(root: Path, *, seed: int = 0, n_val: int = 360) -> tuple[Path, Path]:
+    """scikit-learn's handwritten digits (1,797 8x8 images, 10 classes) as two ImageFolders of
+    32x32 RGB PNGs (each pixel repeated 4x4, 0..16 mapped to 0..255): ``root/train`` (1,437)
+    and ``root/val`` (360), split by a permutation drawn from ``seed``. Real images with a
+    known answer: training tests use them to show a net learns, not only that it runs."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # N x 8 x 8
+    order = np.random.default_rng(seed).permutation(len(pixels))
+    folders = {"val": order[:n_val], "train": order[n_val:]}
+    for split, indices in folders.items():
+        for i in indices:
+            label = int(digits.target[i])
+            folder = root / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            big = np.repeat(np.repeat(pixels[i], 4, axis=0), 4, axis=1)  # 32 x 32
+            Image.fromarray(np.stack([big] * 3, axis=-1)).save(folder / f"{i:04d}.png")
+    return root / "train", root / "val"

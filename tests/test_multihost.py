@@ -318,11 +318,6 @@ def test_killed_host_then_resume_gives_the_same_weights(resumed, two_hosts):
         assert torch.equal(a[k], b[k]), f"{k}: max diff {diffs[k]:.3g}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a checkpoint keeps rank 0's partial training-log window only and every rank restores it, "
-    "so the first train row after a multi-rank resume counts rank 0's images twice",
-)
 def test_resumed_metrics_equal_the_uninterrupted_ones(resumed, two_hosts):
     rows = read_jsonl(resumed["out"] / "metrics.jsonl")
     assert len({(r["kind"], r["step"]) for r in rows}) == len(rows)  # each step once

@@ -195,7 +195,7 @@ def test_curves_png_is_a_plot_of_the_logged_values(learned, tmp_path):
     records = [json.loads(line) for line in (learned["out"] / "metrics.jsonl").read_text().splitlines()]
     # The figure's lines hold exactly the logged numbers (accuracy in %).
     fig = figure(records)
-    loss_ax, acc_ax, lr_ax = fig.axes
+    loss_ax, acc_ax, lr_ax, grad_ax = fig.axes
     lines = {(ax_i, ln.get_label()): ln for ax_i, ax in enumerate(fig.axes) for ln in ax.get_lines()}
     val = [r for r in records if r["kind"] == "val"]
     train = [r for r in records if r["kind"] == "train"]
@@ -203,10 +203,11 @@ def test_curves_png_is_a_plot_of_the_logged_values(learned, tmp_path):
     np.testing.assert_allclose(lines[1, "val top-1"].get_xdata(), [r["epoch"] for r in val])
     np.testing.assert_allclose(lines[0, "train"].get_ydata(), [r["loss"] for r in train])
     np.testing.assert_allclose(lines[2, "lr"].get_ydata(), [r["lr"] for r in train])
-    # The PNG shows them: a 12 x 3.8 inch figure at 100 dpi with lines in matplotlib's first
+    np.testing.assert_allclose(lines[3, "train"].get_ydata(), [r["grad_norm"] for r in train])
+    # The PNG shows them: a 16 x 3.8 inch figure at 100 dpi with lines in matplotlib's first
     # two colours (train: C0 blue #1f77b4, val: C1 orange #ff7f0e).
     img = np.asarray(Image.open(png).convert("RGB")).astype(int)
-    assert img.shape == (380, 1200, 3)
+    assert img.shape == (380, 1600, 3)
     near = lambda rgb: (np.abs(img - np.array(rgb)).sum(-1) < 40).sum()  # noqa: E731
     assert near((0x1F, 0x77, 0xB4)) > 300 and near((0xFF, 0x7F, 0x0E)) > 100
     # `verydeep plot RUN -o FILE` draws the same picture.
@@ -260,7 +261,7 @@ def test_resume_refuses_to_change_what_is_computed(tiny, tmp_path, capsys):
     assert main(args(train, out, "--max-steps", "1")) == 0
     capsys.readouterr()
     assert main(args(train, out, "--max-steps", "2", "--lr", "0.5", "--resume")) == 1
-    assert "option lr is 0.01" in capsys.readouterr().err
+    assert "option lr is unset (its default)" in capsys.readouterr().err
     assert main(args(train, out, "--max-steps", "2")) == 1  # no --resume: the folder holds a run
     assert "--resume" in capsys.readouterr().err
     assert main(args(train, out, "--max-steps", "2", "--resume")) == 0  # max_steps may change
@@ -352,7 +353,8 @@ def test_one_step_is_the_textbook_sgd_step(tiny, tmp_path):
     train, _ = tiny
     init = _initial_weights(train, tmp_path / "init")
     out = tmp_path / "run"
-    assert main(args(train, out, "--max-steps", "1", "--dropout", "0", "--lr", "0.003", "--weight-decay", "0.01")) == 0
+    extra = ("--max-steps", "1", "--dropout", "0", "--lr", "0.003", "--weight-decay", "0.01", "--warmup", "0")
+    assert main(args(train, out, *extra)) == 0
     # The first batch, rebuilt by hand: the epoch-0 order and the per-image augmentation.
     folder = scan_image_folder(train)
     keys = micro_batches(len(folder), 8, 8, Context(), 0, 0)[0]
@@ -398,19 +400,26 @@ def test_init_from_a_shallower_net_copies_exactly_the_paper_layers(tiny, tmp_pat
     for name in copied:
         for kind in ("weight", "bias"):
             assert torch.equal(getattr(getattr(d, name), kind), getattr(getattr(a, name), kind)), name
+    standardised = []
+    # balanced: N(0, 2 / fan_in) times g = (0.5 / 57.63)^(1/16) for D's 16 parameter layers
+    # (Caffe-space pixels of RMS 0.226 x 255 become logits of RMS 0.5).
+    gain = (0.5 / (0.226 * 255)) ** (1 / 16)
     for name in drawn:
         layer = getattr(d, name)
-        assert torch.all(layer.bias == 0), name  # Glorot: zero biases
-        fan_in, fan_out = layer.weight.shape[1] * 9, layer.weight.shape[0] * 9
-        bound = (6 / (fan_in + fan_out)) ** 0.5
-        assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.5 * bound, name
+        assert torch.all(layer.bias == 0), name  # zero biases
+        fan_in = layer.weight.shape[1] * 9
+        standardised.append(layer.weight.flatten() / (gain * (2 / fan_in) ** 0.5))
+    # Divided by their std the weights are N(0, 1); over n > 10,000 values the sample std's
+    # relative standard error is 1/sqrt(2n) < 1%.
+    z = torch.cat(standardised)
+    assert z.numel() > 10_000 and abs(z.std().item() - 1) < 0.05 and abs(z.mean().item()) < 0.05
     table = capsys.readouterr().out
     rows = {line.split()[0]: line for line in table.splitlines()[2:] if line.strip()}
     assert [n for n, line in rows.items() if "copied from" in line] == copied[:4] + ["fc6", "fc7", "fc8"]
-    assert all("random (glorot)" in rows[n] for n in drawn)
+    assert all("random (balanced)" in rows[n] for n in drawn)
     saved = {line.split()[0]: line.split(None, 2)[2] for line in (out / "init.txt").read_text().splitlines()[2:]}
     assert saved == {n: f"copied from {tmp_path / 'A.safetensors'}" for n in copied} | {
-        n: "random (glorot)" for n in drawn
+        n: "random (balanced)" for n in drawn
     }
     # Through the CLI, with the layers named explicitly: only those are copied.
     out2 = tmp_path / "D2"
@@ -672,6 +681,9 @@ def test_learning_rate_drops_tenfold_on_a_plateau_at_most_three_times(tiny, tmp_
                 "fc8=10",
                 "--batch-size",
                 "24",
+                "--lr",
+                "0.01",
+                "--no-divergence-checks",
                 val=val,
             )
         )
@@ -779,3 +791,167 @@ def test_a_run_leaves_torch_flags_as_it_found_them(tiny, tmp_path):
     assert not torch.are_deterministic_algorithms_enabled()
     assert main(args(train, tmp_path / "bad", "--deterministic", "--num-classes", "7")) == 1  # fails while setting up
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+# -- 6. a run that cannot die silently -----------------------------------------------------------
+def _strict_json(path: Path) -> dict:
+    def refuse(name: str):
+        raise AssertionError(f"{path}: {name} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("verydeep train: error:")]
+
+
+def test_an_init_that_blows_the_inputs_up_stops_at_step_1_with_one_line(tiny, tmp_path, capsys):
+    train, val = tiny
+    out = tmp_path / "run"
+    # N(0, 1) weights on Caffe-space pixels (+-130): the logits reach ~1e3 at width 1/32, the
+    # loss ~1e3, far over 10 x ln(4) = 13.9.
+    code = main(args(train, out, "--init", "normal", "--init-std", "1.0", "--epochs", "2", val=val))
+    err = capsys.readouterr().err
+    assert code == 1
+    (line,) = _error_lines(err)
+    assert "stopped at step 1 (epoch 0.333)" in line and "the first step's loss is" in line
+    assert "try --init balanced (this run: normal)" in line and "no checkpoint was written before it" in line
+    assert not (out / "model.safetensors").exists() and not list((out / "checkpoints").glob("*.pt"))
+    summary = _strict_json(out / "summary.json")
+    assert summary["stopped"] == line.removeprefix("verydeep train: error: ") and summary["weights"] is None
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["kind"] for r in records] == ["train", "stop"] and records[1]["reason"] == "start"
+    assert records[0]["loss"] > 10 * np.log(4)  # the loss panel has its point
+    assert (out / "curves.png").exists()
+
+
+def test_a_nan_loss_stops_keeping_the_last_good_checkpoint(tiny, tmp_path, capsys):
+    train, val = tiny
+    out = tmp_path / "run"
+    # LR 1e30: step 1 moves the weights to ~1e28, so step 2's activations overflow float32.
+    extra = ["--lr", "1e30", "--warmup", "0", "--checkpoint-every", "1", "--log-every", "1", "--epochs", "2"]
+    code = main(args(train, out, *extra, val=val))
+    err = capsys.readouterr().err
+    assert code == 1
+    (line,) = _error_lines(err)
+    ckpt = out / "checkpoints" / "step-000000001.pt"
+    assert "stopped at step 2" in line and "the loss became NaN or infinite" in line and "the first at step 2" in line
+    assert f"the last good checkpoint is {ckpt}" in line and "try --lr 0.000313 (the rule for batch 8" in line
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [ckpt.name]  # none of the NaN weights
+    state = torch.load(ckpt, weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    summary = _strict_json(out / "summary.json")  # strict JSON: NaN nowhere
+    assert summary["steps"] == 2 and summary["weights"] is None and summary["stopped"].startswith("stopped at step 2")
+    records = read_jsonl(out / "metrics.jsonl")
+    assert records[0]["kind"] == "train" and np.isfinite(records[0]["loss"])  # step 1 is plotted
+    assert records[1]["kind"] == "train" and records[1]["nonfinite"] >= 1 and "loss" not in records[1]
+    assert records[-1]["kind"] == "stop" and records[-1]["reason"] == "nonfinite"
+
+
+def test_a_dead_net_stops_after_the_first_epochs_past_warm_up(tiny, tmp_path, capsys):
+    train, val = tiny
+    out = tmp_path / "run"
+    # Weights of std 1e-6: the logits are ~0 for every image and the gradients vanish: the net
+    # predicts the label frequencies (loss ln(4), top-1 of a guess). Batch 1: 24 steps an epoch.
+    # Warm-up is epoch 1; the rule wants whole epochs at chance worth >= 150 steps: 7 epochs
+    # (168 steps), so the run stops at the end of epoch 8, step 192, not after 20 epochs.
+    extra = ["--init", "normal", "--init-std", "1e-6", "--epochs", "20", "--batch-size", "1", "--log-every", "24"]
+    code = main(args(train, out, *extra))
+    err = capsys.readouterr().err
+    assert code == 1
+    (line,) = _error_lines(err)
+    assert "stopped at step 192 (epoch 8)" in line and "the net is dead: 7 whole epoch(s) (168 steps)" in line
+    assert "ln(4)" in line and "--warmup 2 (this run: 1 epoch(s))" in line
+    assert "the last good checkpoint is" in line and line.endswith("step-000000168.pt")
+    summary = _strict_json(out / "summary.json")
+    assert summary["epochs"] == 8 and summary["steps"] == 192 and summary["weights"] is None
+    assert not (out / "checkpoints" / "step-000000192.pt").exists()  # nothing written after the stop
+    # The same net with the checks off runs every epoch, and the plateau rule never drops the
+    # LR of a net at chance (patience 1, and no epoch beats the first: it would drop each epoch).
+    out2 = tmp_path / "unchecked"
+    extra = ["--init", "normal", "--init-std", "1e-6", "--epochs", "4", "--no-divergence-checks"]
+    extra += ["--plateau-patience", "1", "--plateau-threshold", "1.0", "--lr", "0.01"]
+    assert main(args(train, out2, *extra, val=val)) == 0
+    lrs = [r["lr"] for r in read_jsonl(out2 / "metrics.jsonl") if r["kind"] == "train"]
+    assert lrs[-1] == pytest.approx(0.01, rel=1e-12)
+
+
+def test_gradient_clipping_and_the_logged_gradient_norm(tiny, tmp_path):
+    """With ``--clip-grad-norm C`` the step is SGD's on g * min(1, C / ||g||); ``grad_norm`` is ||g||."""
+    from verydeep.core.distributed import Context
+    from verydeep.data.augment import TrainTransform, to_input
+    from verydeep.data.training import LabelledImages, collate, micro_batches, scan_image_folder
+
+    train, _ = tiny
+    init = _initial_weights(train, tmp_path / "init")
+    out = tmp_path / "run"
+    extra = ("--max-steps", "1", "--dropout", "0", "--lr", "0.003", "--weight-decay", "0", "--warmup", "0")
+    assert main(args(train, out, *extra, "--clip-grad-norm", "0.5", "--log-every", "1")) == 0
+    folder = scan_image_folder(train)
+    keys = micro_batches(len(folder), 8, 8, Context(), 0, 0)[0]
+    batch = collate([LabelledImages(folder, TrainTransform((224, 224), 224, True, 0.1, 0))[k] for k in keys], 224)
+    net = VGG("A", num_classes=4, width=TINY)
+    net.load_state_dict(init)
+    net.drop6.p = net.drop7.p = 0.0
+    torch.nn.functional.cross_entropy(net(to_input(batch.crops, batch.shifts)), batch.labels).backward()
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in net.parameters())).item()
+    assert norm > 0.5  # the clip is active
+    (record,) = [r for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "train"]
+    assert record["grad_norm"] == pytest.approx(norm, rel=1e-4)
+    got = weights(out / "model.safetensors")
+    for name, p in net.named_parameters():
+        expected = init[name] - 0.003 * p.grad * (0.5 / norm)
+        torch.testing.assert_close(got[name], expected, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_bad_options_leave_no_run_folder_and_output_flags(tiny, tmp_path, capsys):
+    train, _ = tiny
+    for bad in (["--freeze-through", "conv9_9"], ["--lr-mult", "fc9=2"], ["--num-classes", "7"], ["--warmup", "-1"]):
+        out = tmp_path / "bad"
+        assert main(args(train, out, *bad)) == 1
+        assert len(_error_lines(capsys.readouterr().err)) == 1
+        assert not out.exists(), f"{bad} left {sorted(p.name for p in out.iterdir())}"
+    # -o and --output name the run folder; --out still works (not in --help).
+    for flag in ("-o", "--output"):
+        cmd = args(train, tmp_path / flag.strip("-"), "--max-steps", "1")
+        cmd[cmd.index("--out")] = flag
+        assert main(cmd) == 0
+        assert (tmp_path / flag.strip("-") / "model.safetensors").exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    assert "-o RUN_DIR, --output RUN_DIR" in help_text and "--out " not in help_text
+    # plot: -o into a folder that does not exist is one line, not a traceback.
+    assert main(["plot", str(tmp_path / "o"), "-o", str(tmp_path / "missing" / "curves.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err
+    assert main(["plot", str(tmp_path / "o"), "--output", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plateau_rule_holds_during_warm_up_and_at_chance():
+    from verydeep.train import Plateau
+
+    p = Plateau(factor=0.1, patience=3, max_drops=3)
+    # Held validations may set a new best but never count: 0.30 is a best, 0.20 x 5 held.
+    assert not any(p.step(t, hold=True) for t in [0.30, 0.20, 0.20, 0.20, 0.20, 0.20])
+    assert p.best == 0.30 and p.drops == 0
+    # Counted ones drop after patience 3 epochs without a new best.
+    assert [p.step(t) for t in [0.25, 0.25, 0.25]] == [False, False, True]
+
+
+def test_chance_level_of_the_labels():
+    from scipy.stats import entropy
+
+    from verydeep.train import Watchdog, label_stats
+
+    labels = [0] * 50 + [1] * 30 + [2] * 20
+    stats = label_stats(labels, 3)
+    assert stats.entropy == pytest.approx(entropy([0.5, 0.3, 0.2]), rel=1e-12) and stats.chance_top1 == 0.5
+    dog = Watchdog(stats)
+    # A constant guess of class 0 over 1,000 images: top-1 0.5, loss = the entropy: at chance.
+    assert dog.at_chance(loss=stats.entropy, top1=0.5, images=1000)
+    # 3 binomial standard deviations above 0.5 (3 x 0.0158) is learning; 1% off the loss too.
+    assert not dog.at_chance(loss=stats.entropy, top1=0.55, images=1000)
+    assert not dog.at_chance(loss=0.98 * stats.entropy, top1=0.5, images=1000)

@@ -49,8 +49,8 @@ class TrainConfig:
     num_classes: int | None = None  # default: number of class folders in `data`
     weights: str | None = None  # fine-tune from these weights (fc8 replaced if classes differ)
     prototxt: str | None = None
-    init: str = "glorot"  # glorot | normal | PATH of a trained shallower net (e.g. config A)
-    init_std: float = 0.1  # std of `normal` (the paper: variance 1e-2)
+    init: str = "balanced"  # balanced | glorot | normal | PATH of a trained shallower net (e.g. config A)
+    init_std: float = 0.01  # std of `normal` (Caffe's VGG fillers; the paper's "variance 1e-2", std 0.1, explodes)
     init_layers: list[str] | None = None  # layers copied by init=PATH; default first 4 conv + fc6-8
     freeze_through: str | None = None  # this layer and all before it are not trained
     lr_mult: dict[str, float] = field(default_factory=dict)  # Caffe's lr_mult: {"fc8": 10}
@@ -59,12 +59,15 @@ class TrainConfig:
     epochs: int = 74
     batch_size: int = 256  # global: over all ranks and accumulation steps
     micro_batch: int | None = None  # per rank and forward pass; default batch_size / ranks
-    lr: float = 0.01
+    lr: float | None = None  # default: REFERENCE_LR x batch_size / REFERENCE_BATCH (linear scaling)
+    warmup: float = 1.0  # epochs over which the LR rises linearly from lr/steps to lr; 0 turns it off
+    clip_grad_norm: float | None = None  # rescale gradients whose global L2 norm exceeds this
+    divergence_checks: bool = True  # stop when the loss explodes or the net sits at chance (NaN always stops)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_factor: float = 0.1  # the LR is multiplied by this when val top-1 stops improving
     max_lr_drops: int = 3
-    plateau_patience: int = 2  # epochs without a new best val top-1 before the LR drops
+    plateau_patience: int = 3  # epochs without a new best val top-1 before the LR drops
     plateau_threshold: float = 0.0  # top-1 gain (fraction) that counts as an improvement
     max_steps: int | None = None  # stop early after this many optimiser steps (smoke tests)
     # -- run ------------------------------------------------------------------------------
@@ -75,7 +78,7 @@ class TrainConfig:
     deterministic: bool = False
     device: str | None = None  # default core.defaults.default_device: cuda if visible, else cpu
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 with loss scaling)
-    channels_last: str = "auto"  # auto (on for CUDA) | on | off
+    channels_last: str = "auto"  # auto (on for CPU and CUDA) | on | off
     compile: bool = False
     log_every: int = 10
     metrics_format: str = "jsonl"  # jsonl | csv
@@ -86,6 +89,11 @@ class TrainConfig:
     @property
     def scale_range(self) -> tuple[int, int]:
         return (self.scale[0], self.scale[-1])
+
+    @property
+    def base_lr(self) -> float:
+        """The LR before warm-up and plateau drops: ``lr``, or the paper's 1e-2 scaled to the batch."""
+        return self.lr if self.lr is not None else linear_scaling_lr(self.batch_size)
 
     @property
     def test_scale(self) -> int:
@@ -124,8 +132,14 @@ class TrainConfig:
             raise VerydeepError(f"micro_batch: expected a positive integer, found {self.micro_batch}")
         if not 0.0 <= self.dropout < 1.0:
             raise VerydeepError(f"dropout: expected 0 <= p < 1, found {self.dropout}")
-        if self.lr <= 0 or not math.isfinite(self.lr):
+        if self.lr is not None and (self.lr <= 0 or not math.isfinite(self.lr)):
             raise VerydeepError(f"lr: expected a positive number, found {self.lr}")
+        if self.warmup < 0 or not math.isfinite(self.warmup):
+            raise VerydeepError(f"warmup: expected a number of epochs >= 0, found {self.warmup}")
+        if self.clip_grad_norm is not None and not (self.clip_grad_norm > 0 and math.isfinite(self.clip_grad_norm)):
+            raise VerydeepError(f"clip_grad_norm: expected a positive number, found {self.clip_grad_norm}")
+        if self.plateau_patience < 1:
+            raise VerydeepError(f"plateau_patience: expected at least 1 epoch, found {self.plateau_patience}")
         choices = {
             "precision": tuple(PRECISIONS),
             "channels_last": ("auto", "on", "off"),
@@ -134,7 +148,7 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise VerydeepError(f"{name}: expected one of {', '.join(allowed)}, found {getattr(self, name)!r}")
-        if self.weights is not None and self.init not in ("glorot", "normal"):
+        if self.weights is not None and self.init not in INIT_SCHEMES:
             raise VerydeepError("init: --init FROM builds a net from scratch; it cannot be combined with --weights")
         if self.keep_checkpoints < 1:
             raise VerydeepError(f"keep_checkpoints: expected at least 1, found {self.keep_checkpoints}")
@@ -142,6 +156,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+#: The paper's LR and the global batch it was set for; without ``--lr`` the LR scales linearly
+#: with the batch (Goyal et al. 2017, "Accurate, Large Minibatch SGD": the rule large-batch
+#: ImageNet training uses), so batch 32 gets 1.25e-3 and batch 1024 gets 4e-2.
+REFERENCE_LR, REFERENCE_BATCH = 0.01, 256
+
+
+def linear_scaling_lr(batch_size: int) -> float:
+    """The paper's 1e-2 for a global batch of 256, scaled to ``batch_size``."""
+    return REFERENCE_LR * batch_size / REFERENCE_BATCH
 
 
 #: Options that may differ when a run is resumed: they change how, not what, is computed.
@@ -164,9 +189,9 @@ RESUMABLE = frozenset(
 )
 
 #: Options holding paths; relative paths in a config file are relative to that file.
-#: ``init`` is a path unless it names a scheme (glorot, normal).
+#: ``init`` is a path unless it names a scheme (balanced, glorot, normal).
 PATH_KEYS = ("data", "val", "weights", "prototxt", "out", "init")
-INIT_SCHEMES = ("glorot", "normal")
+INIT_SCHEMES = ("balanced", "glorot", "normal")
 #: The crops the classic net accepts: pool5 (rounding up, like Caffe) is 7x7 for 193..224.
 CROP, MIN_CROP = 224, 193
 

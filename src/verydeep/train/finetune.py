@@ -15,7 +15,7 @@ import torch
 
 from verydeep.errors import VerydeepError
 from verydeep.models.vgg import VGG
-from verydeep.train.initialization import copy_layers, initialize, param_layer, param_layers
+from verydeep.train.initialization import DEFAULT_SCHEME, copy_layers, initialize, param_layer, param_layers
 
 
 def fine_tune_model(
@@ -23,8 +23,8 @@ def fine_tune_model(
     class_names: Sequence[str],
     *,
     origin: str,
-    scheme: str = "glorot",
-    std: float = 0.1,
+    scheme: str = DEFAULT_SCHEME,
+    std: float = 0.01,
 ) -> tuple[VGG, str]:
     """A copy of ``source`` with an fc8 for ``class_names``; returns it and a one-line report.
 

@@ -1,7 +1,9 @@
 """Training metrics as a file per run (JSONL or CSV), plus TensorBoard events when installed.
 
 Records have ``kind`` "train" (every ``log_every`` steps: loss, top-1 over the window, LR,
-images/s) or "val" (each epoch: loss, top-1, top-5). ``epoch`` is fractional for train records
+mean gradient norm, images/s, and ``nonfinite``: how many non-finite losses or gradients, when
+any), "val" (each epoch: loss, top-1, top-5) or "stop" (the run diverged; ``reason`` is
+nonfinite, start, exploded or dead). ``epoch`` is fractional for train records
 (step / steps per epoch), so both kinds share an x axis. A resumed run first drops the records
 written after its checkpoint, so the file never shows a step twice.
 """
@@ -20,7 +22,22 @@ from typing import Any
 from verydeep.core.atomic import atomic_path
 
 #: The CSV columns (a record leaves the ones that do not apply empty).
-COLUMNS = ("kind", "step", "epoch", "loss", "top1", "top5", "lr", "images_per_s", "elapsed_s")
+COLUMNS = (
+    "kind",
+    "step",
+    "epoch",
+    "loss",
+    "top1",
+    "top5",
+    "lr",
+    "grad_norm",
+    "nonfinite",
+    "images_per_s",
+    "elapsed_s",
+    "reason",
+)
+#: Columns holding text, not numbers.
+TEXT_COLUMNS = ("kind", "reason")
 FILES = {"jsonl": "metrics.jsonl", "csv": "metrics.csv"}
 
 
@@ -41,7 +58,7 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     text = path.read_text()
     if path.suffix == ".csv":
         rows = list(csv.DictReader(io.StringIO(text)))
-        return [{k: _number(v) if k != "kind" else v for k, v in row.items() if v != ""} for row in rows]
+        return [{k: v if k in TEXT_COLUMNS else _number(v) for k, v in row.items() if v != ""} for row in rows]
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
@@ -88,7 +105,10 @@ class MetricsLog:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
 
     def write(self, record: dict[str, Any]) -> None:
-        record = {k: v for k, v in record.items() if v is not None and not (isinstance(v, float) and math.isnan(v))}
+        # NaN and infinities are left out: the file stays strict JSON (a missing value is missing).
+        record = {
+            k: v for k, v in record.items() if v is not None and not (isinstance(v, float) and not math.isfinite(v))
+        }
         if self.fmt == "csv":
             self.csv.writerow(record)
         else:
@@ -96,7 +116,7 @@ class MetricsLog:
         self.file.flush()
         if self.tb is not None:
             kind, step = record["kind"], record["step"]
-            for key in ("loss", "top1", "top5", "lr", "images_per_s"):
+            for key in ("loss", "top1", "top5", "lr", "grad_norm", "images_per_s"):
                 if key in record:
                     self.tb.add_scalar(f"{kind}/{key}", record[key], step)
             self.tb.flush()

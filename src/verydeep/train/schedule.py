@@ -20,7 +20,7 @@ class Plateau:
     Mutable on purpose: :meth:`step` advances it once per validation."""
 
     factor: float = 0.1
-    patience: int = 2  # validations without a new best before a drop
+    patience: int = 3  # validations without a new best before a drop
     max_drops: int = 3
     threshold: float = 0.0  # a new best must beat the old by more than this
     best: float = float("-inf")
@@ -32,10 +32,13 @@ class Plateau:
         """Current LR / initial LR."""
         return self.factor**self.drops
 
-    def step(self, top1: float) -> bool:
-        """Record one validation top-1; True when the LR drops now."""
+    def step(self, top1: float, *, hold: bool = False) -> bool:
+        """Record one validation top-1; True when the LR drops now. With ``hold`` (warm-up, or a
+        net at chance level) it may set a new best but does not count towards a drop."""
         if top1 > self.best + self.threshold:
             self.best, self.bad = top1, 0
+            return False
+        if hold:
             return False
         self.bad += 1
         if self.bad >= self.patience and self.drops < self.max_drops:
