@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from verydeep.runtime import cpu_model
 
 HERE = Path(__file__).resolve().parents[1] / "src"
 
@@ -47,16 +48,6 @@ def digits_folder(root: Path) -> Path:
         big = np.repeat(np.repeat(pixels[i], 4, axis=0), 4, axis=1)
         Image.fromarray(np.stack([big] * 3, axis=-1)).save(folder / f"{i:04d}.png")
     return root
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def one_run(src: Path, data: Path, out: Path, a: argparse.Namespace) -> dict:
@@ -105,7 +96,7 @@ def main() -> int:
     summary = {
         str(src): round(float(np.median([r["images_per_s"] for r in runs if r["src"] == str(src)])), 1) for src in trees
     }
-    report = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": a.threads, "steps": a.steps,
+    report = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": a.threads, "steps": a.steps,
               "command": "verydeep train --arch A --width 0.125 --batch-size 32 --scale 256 (digits, 32x32 PNGs)",
               "median_images_per_s": summary, "runs": runs}  # fmt: skip
     print(json.dumps(report, indent=2))
