@@ -48,6 +48,10 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
     return make_image_folder(root / "train", 6, seed=10), make_image_folder(root / "val", 2, seed=11)
 
 
+#: What every tiny test run shares: 224 crops, batch 8, no loader processes, quiet, on the CPU.
+FAST = ["--scale", "224", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--no-progress", "--no-tensorboard"]
+
+
 def args(data: Path, out: Path, *extra: str, val: Path | None = None) -> list[str]:
     """A ``verydeep train`` command line for a tiny, fast run (options in ``extra`` win)."""
     base = [
@@ -60,18 +64,9 @@ def args(data: Path, out: Path, *extra: str, val: Path | None = None) -> list[st
         "A",
         "--width",
         str(TINY),
-        "--scale",
-        "224",
-        "--batch-size",
-        "8",
         "--epochs",
         "1",
-        "--workers",
-        "0",
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--no-tensorboard",
+        *FAST,
     ]
     return base + (["--val", str(val)] if val else []) + list(extra)
 
@@ -513,20 +508,11 @@ def test_fine_tuned_frozen_layers_do_not_change_and_the_result_classifies(tiny, 
             "fc8=10",
             "--lr",
             "1e-3",
-            "--scale",
-            "224",
-            "--batch-size",
-            "8",
             "--epochs",
             "1",
             "--out",
             str(out),
-            "--workers",
-            "0",
-            "--device",
-            "cpu",
-            "--no-progress",
-            "--no-tensorboard",
+            *FAST,
         ]
     )
     assert code == 0
@@ -615,18 +601,9 @@ def test_lr_mult_scales_that_layers_step(tiny, tmp_path, source):
                     str(train),
                     "--out",
                     str(out),
-                    "--scale",
-                    "224",
-                    "--batch-size",
-                    "8",
                     "--max-steps",
                     "1",
-                    "--workers",
-                    "0",
-                    "--device",
-                    "cpu",
-                    "--no-progress",
-                    "--no-tensorboard",
+                    *FAST,
                     *extra,
                 ]
             )

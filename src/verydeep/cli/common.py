@@ -8,8 +8,6 @@ import sys
 from typing import Any
 
 from verydeep.core.defaults import PRECISIONS
-from verydeep.core.defaults import default_device as resolve_device
-from verydeep.core.tables import format_table as table
 
 __all__ = [
     "add_alias",
@@ -21,8 +19,6 @@ __all__ = [
     "precision_report",
     "print_json",
     "print_skipped",
-    "resolve_device",
-    "table",
 ]
 
 

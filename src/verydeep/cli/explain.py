@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from verydeep.cli.common import add_command, add_json_option, add_model_options, print_json, print_skipped, table
+from verydeep.cli.common import add_command, add_json_option, add_model_options, print_json, print_skipped
+from verydeep.core.tables import format_table
 
 EXAMPLES = """examples:
   verydeep explain cat.jpg -o maps/                                   # Grad-CAM at relu5_3, top class
@@ -65,7 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from verydeep.cli.common import resolve_device
+    from verydeep.core.defaults import default_device
     from verydeep.data.images import resolve_inputs
     from verydeep.errors import VerydeepError
     from verydeep.explain.job import ExplainRun, class_model_files, explain_files
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     if args.method != "class-model" and not paths:
         raise VerydeepError(f"no images found in {', '.join(args.images)}")
     model = load(args.weights, args.prototxt)
-    device = resolve_device(args.device)
+    device = default_device(args.device)
     progress = not args.no_progress
     result: ExplainRun
     if args.method == "class-model":
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         print_json(result.as_dict())
     else:
         rows = [[i.source or "-", i.index, i.name, f"{i.probability:.4f}", i.png] for i in result.items]
-        print(table(rows, ["image", "class", "label", "probability", "picture"]))
+        print(format_table(rows, ["image", "class", "label", "probability", "picture"]))
         if result.index:
             print(f"\nwrote {len(result.items)} picture(s) to {result.output_dir}: index {result.index}")
     print_skipped([(f.path, f.reason) for f in result.skipped], " (no picture)", "see --json")

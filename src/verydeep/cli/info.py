@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from verydeep.cli.common import add_command, add_json_option, print_json, table
+from verydeep.cli.common import add_command, add_json_option, print_json
+from verydeep.core.tables import format_table
 
 EXAMPLES = """examples:
   verydeep info VGG_ILSVRC_16_layers_deploy.prototxt
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     if "config" in info:
         print(f"VGG configuration {info['config']} (width {info['width']:g}, {info['num_classes']} classes)")
     rows = [[r["name"], r["type"], "x".join(map(str, r["output"])), f"{r['params']:,}"] for r in info["layers"]]
-    print(table(rows, ["layer", "type", "output at 224", "parameters"]))
+    print(format_table(rows, ["layer", "type", "output at 224", "parameters"]))
     print(f"parameters: {info['parameters']:,}")
     print(f"FLOPs at 224x224: {info['flops_224'] / 1e9:.2f} G ({info['flops_224'] / 2e9:.2f} G multiply-adds)")
     return 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from verydeep.cli.common import add_command, add_json_option, print_json, table
+from verydeep.cli.common import add_command, add_json_option, print_json
+from verydeep.core.tables import format_table
 
 EXAMPLES = """examples:
   verydeep weights list
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
             print_json(rows)
         else:
             print(
-                table(
+                format_table(
                     [[r["name"], r["config"], "yes" if r["cached"] else "no", r["description"]] for r in rows],
                     ["name", "config", "cached", "description"],
                 )
