@@ -2,10 +2,11 @@
 
     python benchmarks/inference_cpu.py [--threads 2] [--repeats 5] [--compile] [--out results/cpu.json]
 
-Classic 224x224 at batch 1 and 16 and dense at Q=384 (one 384x512 image), fp32 and bf16 fast
-paths against torchvision's eager fp32 VGG-16, onnxruntime and OpenCV, interleaved in one
-process (see ``verydeep.bench``). ``--compile`` adds the ``torch.compile`` (freezing) variant,
-whose first call (compilation) is reported as ``first_call_s``. The allocator matters for the
+Classic 224x224 at batch 1 and 16 and dense at Q=384 (one 384x512 image), fp32, bf16 and int8
+fast paths against torchvision's eager fp32 VGG-16, onnxruntime (fp32, and its static int8
+calibrated on the same images) and OpenCV, interleaved in one process (see ``verydeep.bench``).
+``--calibration DIR`` calibrates int8 on real photos instead of generated images. ``--compile``
+adds the ``torch.compile`` (freezing) variant, whose first call (compilation) is reported as ``first_call_s``. The allocator matters for the
 eager baseline (glibc returns large activations to the OS and page-faults them back in every
 call); to see it, run once more with ``MALLOC_MMAP_THRESHOLD_=17179869184
 MALLOC_TRIM_THRESHOLD_=17179869184`` in the environment (RESULTS.md has both).
@@ -29,7 +30,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16", "int8"])
+    ap.add_argument("--calibration", help="int8: a folder of calibration images (default: generated)")
     ap.add_argument("--dense", type=int, default=384)
     ap.add_argument("--baselines", default="torchvision,onnxruntime,opencv")
     ap.add_argument("--compile", action="store_true")
@@ -79,6 +81,7 @@ def measure(args: argparse.Namespace) -> dict:
         baselines=[b for b in args.baselines.split(",") if b],
         threads=args.threads,
         compile=args.compile,
+        calibration=args.calibration,
         device="cpu",
     )
     return run_bench(options, progress=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True))

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from verydeep import configs
-from verydeep.formats.onnx import export_graph
+from verydeep.formats.onnx import export_graph, quantize_onnx
 from verydeep.models.vgg import VGG
+from verydeep.runtime.capabilities import int8_dot_product
 
 #: A view of a net under one engine: Caffe-space input -> scores.
 Call = Callable[[torch.Tensor], Any]
@@ -37,10 +38,21 @@ class Engine:
     dense: Call | None = None
     build_s: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    plan: str = ""  # how it computes, in a few words (instruction set, dtype, kernels)
 
     @property
     def label(self) -> str:
         return f"{self.name} {self.precision}"
+
+    @property
+    def peer(self) -> bool:
+        """Another runtime (onnxruntime, OpenCV): what verydeep's own engines are ranked against."""
+        return self.name in FOREIGN_ENGINES
+
+    @property
+    def fidelity(self) -> str:
+        """``"exact"`` (fp32) or ``"reduced"`` (bf16, fp16, int8): engines are ranked within a class."""
+        return "exact" if self.info.get("dtype", self.precision) == "fp32" else "reduced"
 
 
 def torch_call(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -69,8 +81,12 @@ def onnx_file(model: VGG, folder: Path, dense: bool) -> Path:
     return path
 
 
-def onnxruntime_engine(model: VGG, folder: Path, threads: int, dense: bool) -> Engine:
-    """onnxruntime's CPU provider on the exported exact net, with ``threads`` intra-op threads."""
+def onnxruntime_engine(
+    model: VGG, folder: Path, threads: int, dense: bool, calibration: torch.Tensor | None
+) -> list[Engine]:
+    """onnxruntime's CPU provider on the exported exact net, with ``threads`` intra-op threads;
+    with ``calibration`` also its static int8 model (:func:`~verydeep.formats.onnx.quantize_onnx`:
+    per-channel weights, min-max calibrated on the same images as verydeep's int8)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -86,10 +102,27 @@ def onnxruntime_engine(model: VGG, folder: Path, threads: int, dense: bool) -> E
 
     classic = session(onnx_file(model, folder, False))
     dense_fn = session(onnx_file(model, folder, True)) if dense else None
-    return Engine("onnxruntime", "fp32", classic, dense_fn, time.perf_counter() - t0, {"version": ort.__version__})
+    info = {"version": ort.__version__}
+    engines = [Engine("onnxruntime", "fp32", classic, dense_fn, time.perf_counter() - t0, info, "MLAS fp32")]
+    if calibration is not None:
+        t0 = time.perf_counter()
+        images = calibration.cpu().numpy()
+        reduce = not int8_dot_product()  # 7-bit weights where 16-bit sums could saturate, as its docs advise
+        q_classic = session(quantize_onnx(onnx_file(model, folder, False), folder / "classic-int8.onnx", images,
+                                          reduce_range=reduce))  # fmt: skip
+        q_dense = None
+        if dense:
+            q_dense = session(quantize_onnx(onnx_file(model, folder, True), folder / "dense-int8.onnx", images,
+                                            reduce_range=reduce))  # fmt: skip
+        plan = "QDQ int8, per-channel weights" + (", 7-bit weights" if reduce else "")
+        engines.append(Engine("onnxruntime", "int8", q_classic, q_dense, time.perf_counter() - t0,
+                              {**info, "dtype": "int8"}, plan))  # fmt: skip
+    return engines
 
 
-def opencv_engine(model: VGG, folder: Path, threads: int, dense: bool) -> Engine:
+def opencv_engine(
+    model: VGG, folder: Path, threads: int, dense: bool, calibration: torch.Tensor | None
+) -> list[Engine]:
     """OpenCV's ``cv2.dnn`` (its own CPU backend) on the exported exact net."""
     import cv2
 
@@ -109,11 +142,13 @@ def opencv_engine(model: VGG, folder: Path, threads: int, dense: bool) -> Engine
 
     classic = net_for(onnx_file(model, folder, False))
     dense_fn = net_for(onnx_file(model, folder, True)) if dense else None
-    return Engine("opencv", "fp32", classic, dense_fn, time.perf_counter() - t0, {"version": cv2.__version__})
+    info = {"version": cv2.__version__}
+    return [Engine("opencv", "fp32", classic, dense_fn, time.perf_counter() - t0, info, "cv.dnn fp32")]
 
 
-#: The engines built on other runtimes: name -> builder (the model, a work folder, threads, dense?).
-FOREIGN_ENGINES: dict[str, Callable[[VGG, Path, int, bool], Engine]] = {
+#: The engines built on other runtimes: name -> builder (the model, a work folder, threads, dense?,
+#: int8 calibration images or None).
+FOREIGN_ENGINES: dict[str, Callable[[VGG, Path, int, bool, torch.Tensor | None], list[Engine]]] = {
     "onnxruntime": onnxruntime_engine,
     "opencv": opencv_engine,
 }

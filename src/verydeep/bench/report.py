@@ -18,9 +18,12 @@ HEADER = [
     "latency ms",
     "GFLOP/s",
     "vs baseline",
+    "vs best peer",
     "peak MiB (+call)",
     "rel err",
     "top-1 agree",
+    "top-5 overlap",
+    "plan",
 ]
 
 
@@ -52,11 +55,13 @@ def _header_lines(report: dict[str, Any]) -> list[str]:
             + f"{100 * (load.get('cpu_busy_after') or 0):.0f}% after; loadavg {m.get('loadavg')}"
         )
     for p, plan in report["plans"].items():
+        isa = f" ({plan['isa']} CPU class)" if plan.get("isa") else ""
         lines.append(
-            f"plan {p}: {plan['dtype']} on {plan['device']}, conv {plan['conv']}, fc {plan['linear']}, "
+            f"plan {p}: {plan['dtype']} on {plan['device']}{isa}, conv {plan['conv']}, fc {plan['linear']}, "
             f"pool {plan['pool']}, cache blocking {plan['cache_bytes'] >> 20} MiB"
             + (", CUDA graphs" if plan["cuda_graphs"] else "")
             + (", torch.compile" if plan["compile"] else "")
+            + (f", int8 activations 0..{plan['int8_levels']}" if plan.get("int8_levels") else "")
         )
         lines += [f"  note: {note}" for note in plan["notes"]]
     return lines
@@ -71,9 +76,12 @@ def _row(r: dict[str, Any], mem_key: str) -> list[str]:
         f"{r['latency_ms']:.1f}",
         f"{r['gflops']:.0f}",
         f"{r['speedup']:.2f}x" if r["speedup"] else "-",
+        f"{r['vs_best_peer']:.2f}x ({r['best_peer']})" if r.get("vs_best_peer") else "-",
         f"{r.get(mem_key, 0):.0f} (+{r.get('call_mb', 0):.0f})",
         f"{r['rel_error']:.1e}" if r["rel_error"] is not None else "-",
         f"{100 * r['top1_agreement']:.0f}%" if r["top1_agreement"] is not None else "-",
+        f"{100 * r['top5_overlap']:.0f}%" if r.get("top5_overlap") is not None else "-",
+        r.get("plan", ""),
     ]
 
 

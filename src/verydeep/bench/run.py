@@ -22,13 +22,14 @@ from verydeep import configs
 from verydeep.bench.engines import FOREIGN_ENGINES, Call, Engine, torch_call
 from verydeep.bench.machine import OthersLoad, RssSampler, cpu_busy, machine_info
 from verydeep.bench.nets import dense_flops, random_model, torchvision_twin
-from verydeep.core.defaults import default_device, dtype_of
+from verydeep.core.defaults import INFERENCE_PRECISIONS, default_device
 from verydeep.core.numerics import relative_error
 from verydeep.errors import VerydeepError
 from verydeep.formats.export import probe
 from verydeep.hub.loader import load
 from verydeep.models.vgg import VGG
 from verydeep.runtime import optimize, tf32_off
+from verydeep.runtime.int8 import CALIBRATION_IMAGES
 
 #: Engines that can serve as extra baselines.
 BASELINES = ("torchvision", "exact", "onnxruntime", "opencv")
@@ -57,12 +58,17 @@ class BenchOptions:
     threads: int | None = None
     compile: bool = False
     seed: int = 0
+    calibration: str | None = None  # int8: a folder of images; None: generated images
+    calibration_images: int = CALIBRATION_IMAGES
 
     def __post_init__(self) -> None:
         for name in ("batches", "precisions", "baselines"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for p in self.precisions:
-            dtype_of(p)  # refuses an unknown precision
+            if p not in INFERENCE_PRECISIONS:
+                raise VerydeepError(f"unknown precision {p!r}; expected some of {', '.join(INFERENCE_PRECISIONS)}")
+        if self.calibration_images < 1:
+            raise VerydeepError(f"--calibration-images {self.calibration_images}: must be at least 1")
         unknown = [b for b in self.baselines if b not in BASELINES]
         if unknown:
             raise VerydeepError(f"unknown baseline {unknown[0]!r}; expected some of {', '.join(BASELINES)}")
@@ -144,20 +150,48 @@ class Lineup:
                     yield s, e, fn
 
 
+def calibration_batch(options: BenchOptions, device: torch.device) -> torch.Tensor | None:
+    """The int8 calibration images (Caffe space, 224 center crops), None without int8: those in
+    ``options.calibration``, else generated ones (seeds apart from the timed inputs')."""
+    if "int8" not in options.precisions:
+        return None
+    n = options.calibration_images
+    if options.calibration:
+        from verydeep.data.calibration import calibration_images
+
+        return calibration_images(options.calibration, n).to(device)
+    return probe(n, seed=1000).to(device)
+
+
+def plan_summary(plan: dict[str, Any]) -> str:
+    """A plan in a few words: instruction set, dtype, and the kernel of each layer class."""
+    isa = f"{plan['isa']} " if plan.get("isa") else ""
+    return f"{isa}{plan['dtype']}: conv {plan['conv']}, fc {plan['linear']}"
+
+
 def fast_engines(
-    model: VGG, options: BenchOptions, device: torch.device, say: Callable[[str], None]
+    model: VGG,
+    options: BenchOptions,
+    device: torch.device,
+    calibration: torch.Tensor | None,
+    say: Callable[[str], None],
 ) -> tuple[list[Engine], dict[str, Any]]:
     """``model.optimized(precision)`` for each precision (and its compiled variant if asked), and
     their plans by precision (``bf16+compile`` for a compiled one)."""
     engines, plans = [], {}
     variants = [("verydeep", "", False)] + ([("verydeep+compile", "+compile", True)] if options.compile else [])
     for p in options.precisions:
-        say(f"building verydeep {p}")
+        calibrating = f" (calibrating on {calibration.shape[0]} images)" if p == "int8" and calibration is not None else ""
+        say(f"building verydeep {p}{calibrating}")
         for name, suffix, compiled in variants:
+            if compiled and p == "int8":
+                continue  # int8 runs oneDNN's kernels directly; there is no compiled variant
             t0 = time.perf_counter()
-            fast = optimize(model, p, device=device, compile=compiled)
-            engines.append(Engine(name, p, fast, fast.dense(), time.perf_counter() - t0, {"dtype": fast.plan.dtype}))
-            plans[p + suffix] = fast.plan.to_dict()
+            fast = optimize(model, p, device=device, compile=compiled, calibration=calibration)
+            plan = fast.plan.to_dict()
+            engines.append(Engine(name, p, fast, fast.dense(), time.perf_counter() - t0, {"dtype": fast.plan.dtype},
+                                  plan_summary(plan)))  # fmt: skip
+            plans[p + suffix] = plan
     return engines, plans
 
 
@@ -165,10 +199,11 @@ def line_up(
     model: VGG, options: BenchOptions, device: torch.device, folder: Path, say: Callable[[str], None]
 ) -> Lineup:
     """Build every engine: the fast path per precision, the baselines, the exact path."""
-    engines, plans = fast_engines(model, options, device, say)
+    calibration = calibration_batch(options, device)
+    engines, plans = fast_engines(model, options, device, calibration, say)
     skipped: dict[str, str] = {}
     exact_views = {"classic": torch_call(model), "dense": torch_call(model.dense())}
-    exact = Engine("exact", "fp32", exact_views["classic"], exact_views["dense"])
+    exact = Engine("exact", "fp32", exact_views["classic"], exact_views["dense"], plan="ATen eager NCHW")
     twin = torchvision_twin(model) if "torchvision" in options.baselines else None
     if "torchvision" in options.baselines and twin is None:
         skipped["torchvision"] = (
@@ -176,7 +211,7 @@ def line_up(
             "the baseline is verydeep's exact eager path"
         )
     if twin is not None:
-        engines.append(Engine("torchvision", "fp32", torch_call(twin.to(device))))
+        engines.append(Engine("torchvision", "fp32", torch_call(twin.to(device)), plan="ATen eager"))
     baseline_classic = "torchvision" if twin is not None else "exact"
     threads = torch.get_num_threads()
     for name, build in FOREIGN_ENGINES.items():
@@ -187,7 +222,7 @@ def line_up(
             continue
         say(f"exporting for {name}")
         try:
-            engines.append(build(model, folder, threads, bool(options.dense)))
+            engines += build(model, folder, threads, bool(options.dense), calibration)
         except ImportError:
             skipped[name] = "not installed"
         except Exception as exc:  # an export or runtime failure must not lose the other numbers
@@ -204,9 +239,21 @@ def _as_tensor(y: Any) -> torch.Tensor:
     return y if isinstance(y, torch.Tensor) else torch.as_tensor(y)
 
 
-def _top1(y: torch.Tensor) -> torch.Tensor:
+def _scores(y: torch.Tensor) -> torch.Tensor:
+    """Per-image class scores (a dense map averaged, as the dense protocol does)."""
     y = y.detach().float().cpu()
-    return (y.mean(dim=(2, 3)) if y.dim() == 4 else y).argmax(dim=1)
+    return y.mean(dim=(2, 3)) if y.dim() == 4 else y
+
+
+def _top1(y: torch.Tensor) -> torch.Tensor:
+    return _scores(y).argmax(dim=1)
+
+
+def top5_overlap(found: torch.Tensor, expected: torch.Tensor) -> float:
+    """The mean share of the exact top-5 classes that are also in ``found``'s top 5."""
+    k = min(5, _scores(expected).shape[1])
+    a, b = _scores(found).topk(k, dim=1).indices, _scores(expected).topk(k, dim=1).indices
+    return float((a.unsqueeze(2) == b.unsqueeze(1)).any(dim=2).float().mean())
 
 
 @dataclass(frozen=True)
@@ -338,12 +385,35 @@ def result_rows(
                 "speedup": round(ips / base_ips, 3) if base_ips else None,
                 "rel_error": relative_error(y, ref) if same_shape else None,
                 "top1_agreement": float((_top1(y) == _top1(ref)).float().mean()) if same_shape else None,
+                "top5_overlap": top5_overlap(y, ref) if same_shape else None,
+                "fidelity": e.fidelity,
+                "plan": e.plan,
                 "first_call_s": round(first_call.get(key, 0.0), 3),
                 "build_s": round(e.build_s, 3),
                 "repeats": len(ts),
                 **mem,
             }
         )
+    return rows
+
+
+def rank_against_peers(rows: list[dict[str, Any]], engines: Sequence[Engine]) -> list[dict[str, Any]]:
+    """Each verydeep row's speed over the fastest other runtime (onnxruntime, OpenCV) of the same
+    fidelity class in the same scenario: ``vs_best_peer`` and which peer that was."""
+    peers = {e.label for e in engines if e.peer}
+    for r in rows:
+        r["vs_best_peer"], r["best_peer"] = None, None
+        if not r["engine"].startswith("verydeep"):
+            continue
+        same = [
+            p for p in rows
+            if f"{p['engine']} {p['precision']}" in peers and p["fidelity"] == r["fidelity"]
+            and (p["view"], p["batch"], p["height"], p["width"]) == (r["view"], r["batch"], r["height"], r["width"])
+        ]  # fmt: skip
+        if same:
+            best = max(same, key=lambda p: p["images_per_s"])
+            r["vs_best_peer"] = round(r["images_per_s"] / best["images_per_s"], 3)
+            r["best_peer"] = f"{best['engine']} {best['precision']}"
     return rows
 
 
@@ -370,7 +440,7 @@ def run_bench(
         refs = references(trial)
         first_call = warm_up(trial, opts.warmup)
         times, others_during = time_interleaved(trial, opts.repeats)
-        results = result_rows(trial, refs, times, first_call)
+        results = rank_against_peers(result_rows(trial, refs, times, first_call), lineup.engines)
     dense = next((s for s in scenarios if s.view == "dense"), None)
     return {
         "machine": machine_info(dev),
@@ -390,6 +460,8 @@ def run_bench(
             "warmup": opts.warmup,
             "threads": torch.get_num_threads(),
             "baselines": list(opts.baselines),
+            "calibration": (opts.calibration or "generated images") if "int8" in opts.precisions else None,
+            "calibration_images": opts.calibration_images if "int8" in opts.precisions else None,
             "statistic": "median of interleaved repeats",
         },
         "plans": lineup.plans,

@@ -13,6 +13,14 @@ if TYPE_CHECKING:
 
 #: Numeric precisions a user can ask for, and the torch dtype each computes in.
 PRECISIONS: dict[str, str] = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+#: Precisions that only inference offers (``model.optimized``, classify, evaluate, extract, bench,
+#: export): int8 is static post-training quantization, calibrated on images (``verydeep.runtime.int8``).
+QUANTIZED: tuple[str, ...] = ("int8",)
+#: int8 calibration images used by default (min-max ranges of VGG-16's layers settle within a
+#: few percent by ~32 images; each costs one exact forward).
+CALIBRATION_IMAGES = 32
+#: Every precision an inference command accepts.
+INFERENCE_PRECISIONS: tuple[str, ...] = (*PRECISIONS, *QUANTIZED)
 #: Data loader processes never exceed this many per rank (decoding JPEGs scales no further
 #: on the machines measured, and each worker holds a copy of the dataset's file list).
 MAX_WORKERS = 8

@@ -8,6 +8,7 @@ jobs read, and the paper's training augmentation.
   into a :class:`~.images.Failed` record instead of an error.
 - :mod:`.eval_set`: the layouts ILSVRC-2012 validation data comes in, as one :class:`~.eval_set.EvalSet`.
 - :mod:`.training`: ImageFolder scanning, the per-epoch order and sharding of training batches.
+- :mod:`.calibration`: int8 calibration images from a folder, preprocessed as the center crop.
 - :mod:`.augment`: scale jittering, crops, flips and colour shifts, drawn per image from a seed.
 
 Split by what a caller needs: the command line reads :mod:`.choices` without paying for torch,
@@ -15,4 +16,4 @@ evaluation needs no training code, and :mod:`.preprocess` is the only module tha
 colour space. This ``__init__`` imports no submodule, so importing one stays as cheap as it is.
 """
 
-__all__ = ["augment", "choices", "eval_set", "images", "preprocess", "training"]
+__all__ = ["augment", "calibration", "choices", "eval_set", "images", "preprocess", "training"]

@@ -19,6 +19,19 @@ NATIVE_CPU_FLAGS: dict[str, tuple[str, ...]] = {
     "bf16": ("amx_bf16", "avx512_bf16"),
     "fp16": ("amx_fp16",),
 }
+#: CPU classes, first match wins: (name, flags that must all be present, what it computes fast).
+#: The plan reads its per-class choices (:data:`verydeep.runtime.plan.CPU_PLANS`) by this name.
+CPU_CLASSES: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("amx", ("amx_bf16", "amx_int8"), "AMX tiles: bf16 and int8 matrix multiply (Sapphire Rapids and later)"),
+    ("avx512-bf16", ("avx512_bf16", "avx512_vnni"), "AVX-512 with bf16 and int8 dot products (Cooper Lake, Zen 4)"),
+    ("avx512-vnni", ("avx512f", "avx512_vnni"), "AVX-512 with int8 dot products (Cascade Lake, Ice Lake)"),
+    ("avx512", ("avx512f",), "AVX-512 fp32 FMA, int8 through 16-bit pairs (Skylake-SP)"),
+    ("avx2-vnni", ("avx2", "fma", "avx_vnni"), "AVX2 with int8 dot products (Alder Lake and later)"),
+    ("avx2", ("avx2", "fma"), "AVX2 fp32 FMA, int8 through 16-bit pairs (Haswell .. Zen 3)"),
+)
+#: Flags whose int8 dot product (u8 x s8 summed in 32 bits) cannot saturate; without them oneDNN
+#: multiplies through 16-bit pair sums, which overflow for 8-bit activations, so they get 7 bits.
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 #: oneDNN's own "is this precision supported" query, per precision.
 _ONEDNN_SUPPORT = {"bf16": "_is_mkldnn_bf16_supported", "fp16": "_is_mkldnn_fp16_supported"}
 
@@ -34,6 +47,29 @@ def cpu_flags() -> frozenset[str]:
         if line.startswith("flags"):
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
+
+
+def cpu_class(flags: frozenset[str] | None = None) -> str:
+    """This CPU's class in :data:`CPU_CLASSES` (``"generic"``: ARM, or x86 without AVX2)."""
+    flags = cpu_flags() if flags is None else flags
+    for name, needs, _ in CPU_CLASSES:
+        if all(f in flags for f in needs):
+            return name
+    return "generic"
+
+
+def int8_dot_product(flags: frozenset[str] | None = None) -> bool:
+    """Whether int8 products accumulate in 32 bits without saturating (VNNI or AMX)."""
+    flags = cpu_flags() if flags is None else flags
+    return any(f in flags for f in INT8_DOT_FLAGS)
+
+
+def onednn_int8_available() -> bool:
+    """Whether PyTorch's oneDNN int8 conv and fc ops (what its x86 quantization lowers to) exist."""
+    onednn = torch.ops.onednn
+    return torch.backends.mkldnn.is_available() and all(
+        hasattr(onednn, op) for op in ("qconv_prepack", "qconv2d_pointwise", "qlinear_prepack", "qlinear_pointwise")
+    )
 
 
 def cpu_model() -> str:
@@ -65,6 +101,8 @@ def native(precision: str, device: torch.device) -> bool:
     """Does ``device`` compute ``precision`` natively, i.e. faster than fp32?"""
     if precision == "fp32":
         return True
+    if precision == "int8":  # oneDNN's x86 int8 kernels; 4x fp32's lanes with VNNI, 2x without
+        return device.type == "cpu" and onednn_int8_available() and cpu_class() != "generic"
     if device.type == "cuda":
         return precision == "fp16" or torch.cuda.is_bf16_supported()
     if device.type == "cpu":

@@ -45,3 +45,81 @@ def onednn_conv(
 def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, *, relu: bool) -> torch.Tensor:
     """An fc layer on a :func:`pack_linear_weight` weight, the ReLU fused when asked."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "relu" if relu else "none", [], "")
+
+
+# -- int8: oneDNN's quantized conv and fc on uint8 activations and per-channel int8 weights --------
+def quantize_weight(weight: torch.Tensor, levels: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (int8 weight, float32 scale per channel).
+
+    Per channel because VGG's filters differ in magnitude by 10-100x within a layer; one scale
+    for all would leave the small ones a few levels."""
+    w = weight.detach().float()
+    scale = w.abs().flatten(1).amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / levels
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    q = torch.clamp(torch.round(w / scale.view(shape)), -levels, levels).to(torch.int8)
+    return q, scale
+
+
+def quantize_activation(x: torch.Tensor, scale: float, zero_point: int, levels: int) -> torch.Tensor:
+    """``x`` as uint8 codes ``round(x / scale) + zero_point`` clamped to ``[0, levels]``, layout kept."""
+    q = torch.round(x.float() / scale).add_(zero_point).clamp_(0, levels)
+    return q.to(torch.uint8)
+
+
+def pack_qconv_weight(
+    qweight: torch.Tensor, scale: torch.Tensor, x_scale: float, x_zero_point: int, padding: int, shape: list[int]
+) -> torch.Tensor:
+    """An int8 stride-1 conv weight in oneDNN's blocked layout for inputs like ``shape`` (NCHW)."""
+    return torch.ops.onednn.qconv_prepack(
+        qweight, scale, x_scale, x_zero_point, [1, 1], [padding, padding], [1, 1], 1, shape
+    )
+
+
+def pack_qlinear_weight(qweight: torch.Tensor) -> torch.Tensor:
+    """An int8 fc weight in oneDNN's blocked layout."""
+    return torch.ops.onednn.qlinear_prepack(qweight, None)
+
+
+def onednn_qconv(
+    x: torch.Tensor,
+    x_scale: float,
+    x_zero_point: int,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero_point: torch.Tensor,
+    bias: torch.Tensor | None,
+    padding: int,
+    out_scale: float,
+    *,
+    relu: bool,
+    out_float: bool = False,
+) -> torch.Tensor:
+    """uint8 channels-last in; uint8 codes of scale ``out_scale`` (zero point 0: the ReLU'd output
+    is non-negative) out, or float32 with ``out_float``. Bias, ReLU and requantization are fused;
+    ``w_zero_point`` is all zeros (symmetric weights), kept as the op takes it."""
+    return torch.ops.onednn.qconv2d_pointwise(
+        x, x_scale, x_zero_point, packed, w_scale, w_zero_point, bias, [1, 1], [padding, padding], [1, 1], 1,
+        1.0 if out_float else out_scale, 0, torch.float32 if out_float else None,
+        "relu" if relu else "none", [], "",
+    )  # fmt: skip
+
+
+def onednn_qlinear(
+    x: torch.Tensor,
+    x_scale: float,
+    x_zero_point: int,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero_point: torch.Tensor,
+    bias: torch.Tensor,
+    out_scale: float,
+    *,
+    relu: bool,
+    out_float: bool = False,
+) -> torch.Tensor:
+    """The fc counterpart of :func:`onednn_qconv` (2-D uint8 input)."""
+    return torch.ops.onednn.qlinear_pointwise(
+        x, x_scale, x_zero_point, packed, w_scale, w_zero_point, bias,
+        1.0 if out_float else out_scale, 0, torch.float32 if out_float else None,
+        "relu" if relu else "none", [], "",
+    )  # fmt: skip

@@ -21,10 +21,23 @@ from verydeep import configs
 from verydeep.core.defaults import dtype_of
 from verydeep.errors import VerydeepError
 from verydeep.runtime.compiled import compile_views
+from verydeep.runtime.cpu import quantize_activation
 from verydeep.runtime.cuda import CudaGraphs, cuda_flags
-from verydeep.runtime.plan import BLOCKED_STAGES, MAX_GRAPHS, Plan, make_plan
+from verydeep.runtime.int8 import Calibration, calibrate
+from verydeep.runtime.plan import MAX_GRAPHS, Plan, make_plan
 from verydeep.runtime.source import as_source
-from verydeep.runtime.steps import ConvStep, FcStep, Kernels, LrnStep, PoolStep, ReluStep, Step, build_steps
+from verydeep.runtime.steps import (
+    ConvStep,
+    FcStep,
+    Kernels,
+    LrnStep,
+    PoolStep,
+    ReluStep,
+    Step,
+    build_steps,
+    dequantize,
+    quantized_outputs,
+)
 
 #: A step as a function of the previous step's output, named by its layer.
 NamedStep = tuple[str, Callable[[torch.Tensor], torch.Tensor]]
@@ -37,7 +50,13 @@ class FastVGG(nn.Module):
     float32 N x num_classes fc8 scores on the plan's device, like ``VGG.forward``.
     """
 
-    def __init__(self, model: nn.Module, plan: Plan, cache_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        plan: Plan,
+        cache_dir: str | os.PathLike[str] | None = None,
+        calibration: Calibration | None = None,
+    ) -> None:
         super().__init__()
         source = as_source(model)
         self.plan = plan
@@ -48,13 +67,17 @@ class FastVGG(nn.Module):
         c, h, w = source.fc6_input
         self.fc6_input: tuple[int, int, int] = (c, h, w)
         self._device = torch.device(plan.device)
-        self._dtype = dtype_of(plan.dtype)
+        self._int8 = plan.dtype == "int8"
+        self._dtype = torch.float32 if self._int8 else dtype_of(plan.dtype)
         self._kernels = Kernels(plan)
-        self._steps = build_steps(model, plan)
+        self.calibration = calibration
+        self._input_codes = calibration.input_quantization(plan.int8_levels) if self._int8 and calibration else None
+        self._steps = build_steps(model, plan, calibration)
         self._fc_steps = [s for s in self._steps if isinstance(s, FcStep)]
         self._conv_steps = [s for s in self._steps if not isinstance(s, FcStep)]
         pools = [i for i, s in enumerate(self._conv_steps) if isinstance(s, PoolStep)]
-        self._block_end = pools[BLOCKED_STAGES - 1] + 1 if len(pools) >= BLOCKED_STAGES else 0
+        stages = plan.blocked_stages
+        self._block_end = pools[stages - 1] + 1 if stages and len(pools) >= stages else 0
         first = next(s for s in self._steps if isinstance(s, ConvStep))
         self._first_channels = int(first.weight.shape[0])
         self._classic: Callable[[torch.Tensor], torch.Tensor] = self._classic_impl
@@ -98,7 +121,10 @@ class FastVGG(nn.Module):
             padded[:, c:].zero_()
             padded[:, :c].copy_(x)
             return padded
-        return x.contiguous(memory_format=self._kernels.memory_format)
+        x = x.contiguous(memory_format=self._kernels.memory_format)
+        if self._input_codes is not None:  # int8: the uint8 codes conv1_1 takes
+            return quantize_activation(x, *self._input_codes, self.plan.int8_levels)
+        return x
 
     def context(self) -> AbstractContextManager[None]:
         """The backend flags the plan runs under (cuDNN autotuning; TF32 off in fp32 on GPU)."""
@@ -149,7 +175,7 @@ class FastVGG(nn.Module):
             if want:
                 for name in _names_of(s):
                     if name in want:
-                        out[name] = x
+                        out[name] = dequantize(s, x)
         return x
 
     def _sub_batch(self, x: torch.Tensor) -> int:
@@ -196,8 +222,11 @@ class FastVGG(nn.Module):
             )
         oh, ow = h - kh + 1, w - kw + 1
         # fc6 as a 7x7 convolution = a GEMM over pool5's 7x7 patches, in fc6's (C, H, W) order.
-        y = F.unfold(x.contiguous(), (kh, kw)).transpose(1, 2)  # N x positions x C*7*7
-        y = y.reshape(n * oh * ow, -1)
+        if x.dtype == torch.uint8:  # int8 codes: unfold has no integer kernel; a strided view does
+            y = x.unfold(2, kh, 1).unfold(3, kw, 1).permute(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, -1)
+        else:
+            y = F.unfold(x.contiguous(), (kh, kw)).transpose(1, 2)  # N x positions x C*7*7
+            y = y.reshape(n * oh * ow, -1)
         for s in self._fc_steps:
             y = self._kernels.linear(s, y)
         return y.view(n, oh * ow, -1).transpose(1, 2).reshape(n, -1, oh, ow).float()
@@ -270,11 +299,11 @@ class FastVGG(nn.Module):
                 x = self._kernels.linear(s, x)
             for name in _names_of(s):
                 if name in want:
-                    out[name] = x
+                    out[name] = dequantize(s, x)
             if last in (s.name, *s.after):
                 break
         if "prob" in want:
-            out["prob"] = torch.softmax(x.float(), dim=1)
+            out["prob"] = torch.softmax(dequantize(self._fc_steps[-1], x).float(), dim=1)
 
 
 def _names_of(s: Step, *, pre_activation: bool = False) -> list[str]:
@@ -311,6 +340,7 @@ def optimize(
     fallback: bool = True,
     cache_bytes: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    calibration: torch.Tensor | Calibration | None = None,
 ) -> FastVGG:
     """The fast inference module for ``model`` (see :mod:`verydeep.runtime`).
 
@@ -320,6 +350,12 @@ def optimize(
     pre-packed plan (kernels cached under :func:`~verydeep.runtime.compiled.compile_cache_dir`);
     ``cuda_graphs`` defaults to on for CUDA devices; ``cache_bytes`` overrides the CPU
     cache-blocking budget.
+
+    ``precision="int8"`` is static quantization (:mod:`verydeep.runtime.int8`): ``calibration``
+    is N x 3 x 224 x 224 Caffe-space images like the ones to be classified (the first
+    :data:`~verydeep.runtime.int8.CALIBRATION_IMAGES` are used), or a :class:`Calibration`
+    from an earlier call (``fast.calibration``). Where int8 is not native (no x86 oneDNN int8
+    kernels) the plan computes in fp32 and says so.
     """
     dev = torch.device(device) if device is not None else _model_device(model)
     if dev.type == "cuda" and dev.index is None:
@@ -327,4 +363,15 @@ def optimize(
     plan = make_plan(
         precision, dev, compile=compile, cuda_graphs=cuda_graphs, fallback=fallback, cache_bytes=cache_bytes
     )
-    return FastVGG(model, plan, cache_dir=cache_dir)
+    if plan.dtype != "int8":
+        return FastVGG(model, plan, cache_dir=cache_dir)
+    if calibration is None:
+        raise VerydeepError(
+            "precision='int8' needs calibration images: optimized('int8', calibration=images) with N x 3 x 224 x 224 "
+            "Caffe-space images like the ones to classify (the CLI: --calibration DIR)"
+        )
+    if isinstance(calibration, torch.Tensor):
+        exact = FastVGG(model, make_plan("fp32", dev))  # the ranges of the exact net
+        layers = quantized_outputs(as_source(model).specs)
+        calibration = calibrate(exact.features, calibration.to(dev), layers=layers)
+    return FastVGG(model, plan, cache_dir=cache_dir, calibration=calibration)

@@ -13,12 +13,22 @@ from typing import Any
 
 import torch
 
-from verydeep.core.defaults import dtype_of
-from verydeep.runtime.capabilities import native, onednn_available, onednn_linear_available
+from verydeep.core.defaults import INFERENCE_PRECISIONS
+from verydeep.errors import VerydeepError
+from verydeep.runtime.capabilities import (
+    cpu_class,
+    int8_dot_product,
+    native,
+    onednn_available,
+    onednn_linear_available,
+)
 from verydeep.runtime.cuda import cudnn_conv_relu_available, triton_available
 
 #: Largest relative logit error (max |a - b| / max |b|) each precision is held to.
-TOLERANCE: dict[str, float] = {"fp32": 1e-5, "bf16": 2e-2, "fp16": 1e-2}
+#: int8's bound is for the logits of a net whose activations were calibrated on images like the
+#: input (measured, random weights: 3e-3 on VGG-16, up to 5e-2 on narrow nets; onnxruntime's
+#: static int8 alike).
+TOLERANCE: dict[str, float] = {"fp32": 1e-5, "bf16": 2e-2, "fp16": 1e-2, "int8": 0.1}
 #: CUDA graphs kept per view; beyond this many input shapes, calls run uncaptured.
 MAX_GRAPHS = 8
 #: Cache blocking on CPU: the leading stages run on as many images at a time as keep conv1's
@@ -36,7 +46,29 @@ BLOCKED_STAGES = 3
 #: for pool1); torch.compile'd pooling is as fast for one shape but recompiles per shape.
 CUDA_PLAN: dict[str, Any] = {"conv": "cudnn-relu", "pool": "triton", "pad_channels": 16, "relu_after_pool": False}
 #: What a CPU lacks when a reduced precision is not native there (for the plan's note).
-_MISSING_ON_CPU = {"bf16": "no AMX/avx512_bf16", "fp16": "no AMX-FP16"}
+_MISSING_ON_CPU = {"bf16": "no AMX/avx512_bf16", "fp16": "no AMX-FP16", "int8": "no oneDNN int8 kernels for it"}
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    """The choices that depend on the CPU class (:data:`~verydeep.runtime.capabilities.CPU_CLASSES`)."""
+
+    cache_bytes: int  # see CACHE_BYTES
+    blocked_stages: int  # see BLOCKED_STAGES
+    measured_on: str  # the CPU the values were measured on, or why they are the defaults
+
+
+#: Per CPU class. Values not measured on a class are the defaults, and say so: cache blocking
+#: depends on the L2 size (1.25-2 MiB per core on every class listed), not on the instruction set.
+CPU_PLANS: dict[str, CpuPlan] = {
+    "amx": CpuPlan(CACHE_BYTES, BLOCKED_STAGES, "Sapphire Rapids, 2 cores (bf16 and fp32)"),
+    "avx512-bf16": CpuPlan(CACHE_BYTES, BLOCKED_STAGES, "not measured: the defaults"),
+    "avx512-vnni": CpuPlan(CACHE_BYTES, BLOCKED_STAGES, "Ice Lake-SP, 2 cores (fp32 and int8)"),
+    "avx512": CpuPlan(CACHE_BYTES, BLOCKED_STAGES, "not measured: the defaults"),
+    "avx2-vnni": CpuPlan(CACHE_BYTES, BLOCKED_STAGES, "not measured: the defaults"),
+    "avx2": CpuPlan(CACHE_BYTES, BLOCKED_STAGES, "not measured: the defaults"),
+    "generic": CpuPlan(CACHE_BYTES, BLOCKED_STAGES, "not measured: the defaults"),
+}
 
 
 @dataclass(frozen=True)
@@ -56,6 +88,9 @@ class Plan:
     compile: bool
     pad_channels: int = 0  # conv1_1's 3 input channels zero-padded to this many (tensor-core friendly)
     relu_after_pool: bool = False  # conv -> pool -> ReLU (exact: max and ReLU commute), 4x less ReLU
+    isa: str = ""  # the CPU class the plan was chosen for ("" on other devices)
+    blocked_stages: int = BLOCKED_STAGES
+    int8_levels: int = 0  # int8: the top activation code (255, or 127 without an int8 dot product)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,13 +109,16 @@ class _Kernels:
     cache_bytes: int = 0
     pad_channels: int = 0
     relu_after_pool: bool = False
+    isa: str = ""
+    blocked_stages: int = BLOCKED_STAGES
+    int8_levels: int = 0
 
 
 def _compute_dtype(precision: str, dev: torch.device, fallback: bool, notes: list[str]) -> str:
     """``precision`` where the device computes it natively (or ``fallback`` is off), else fp32."""
     if precision == "fp32" or native(precision, dev):
         return precision
-    if not fallback:
+    if not fallback and precision != "int8":  # int8 has no emulation to fall back on
         notes.append(f"{precision} is not native on this {dev.type}: emulated, slower than fp32")
         return precision
     why = _MISSING_ON_CPU[precision] if dev.type == "cpu" else f"{dev.type} has no fast {precision}"
@@ -89,17 +127,30 @@ def _compute_dtype(precision: str, dev: torch.device, fallback: bool, notes: lis
 
 
 def _cpu_kernels(dev: torch.device, dtype: str, compile: bool, cache_bytes: int | None, notes: list[str]) -> _Kernels:
-    if compile:
+    if compile and dtype == "int8":
+        notes.append("torch.compile is not used for int8: oneDNN's int8 kernels run directly")
+    elif compile:
         notes.append("torch.compile: inductor packs its own weights (freezing); kernels cached")
         return _Kernels()
     if not onednn_available():
         notes.append("oneDNN is not available in this PyTorch build: ATen convolutions")
+    isa = cpu_class()
+    cpu = CPU_PLANS[isa]
+    budget = cpu.cache_bytes if cache_bytes is None else max(0, int(cache_bytes))
+    if dtype == "int8":
+        levels = 255 if int8_dot_product() else 127
+        if levels < 255:
+            notes.append("int8: no VNNI/AMX int8 dot product, so activations get 7 bits (16-bit sums would saturate)")
+        return _Kernels("onednn-int8", "onednn-int8", "nhwc-maximum", budget, isa=isa,
+                        blocked_stages=cpu.blocked_stages, int8_levels=levels)  # fmt: skip
     prepack = onednn_available() and native(dtype, dev)
     return _Kernels(
         conv="onednn-prepacked" if prepack else "aten",
         linear="onednn-prepacked" if prepack and dtype != "fp32" and onednn_linear_available() else "aten",
         pool="nhwc-maximum",
-        cache_bytes=CACHE_BYTES if cache_bytes is None else max(0, int(cache_bytes)),
+        cache_bytes=budget,
+        isa=isa,
+        blocked_stages=cpu.blocked_stages,
     )
 
 
@@ -148,7 +199,8 @@ def make_plan(
     on GPU the fused cuDNN + Triton plan beat the compiled net (``benchmarks/RESULTS.md``).
     ``cache_bytes`` overrides :data:`CACHE_BYTES` (0 turns cache blocking off).
     """
-    dtype_of(precision)  # refuses an unknown precision name
+    if precision not in INFERENCE_PRECISIONS:
+        raise VerydeepError(f"unknown precision {precision!r}; expected one of {', '.join(INFERENCE_PRECISIONS)}")
     dev = torch.device(device)
     notes: list[str] = []
     dtype = _compute_dtype(precision, dev, fallback, notes)
@@ -169,8 +221,11 @@ def make_plan(
         cache_bytes=kernels.cache_bytes,
         pad_channels=kernels.pad_channels,
         relu_after_pool=kernels.relu_after_pool,
+        isa=kernels.isa,
+        blocked_stages=kernels.blocked_stages,
+        int8_levels=kernels.int8_levels,
         cuda_graphs=cuda if cuda_graphs is None else bool(cuda_graphs and cuda),
-        compile=bool(compile),
+        compile=bool(compile) and dtype != "int8",
         notes=tuple(notes),
     )
 

@@ -19,9 +19,23 @@ from torch import nn
 from verydeep import configs
 from verydeep.configs import LayerSpec
 from verydeep.core.defaults import dtype_of
+from verydeep.errors import VerydeepError
 from verydeep.runtime.compiled import compiled_max_pool
-from verydeep.runtime.cpu import max_pool_nhwc, onednn_conv, onednn_linear, pack_conv_weight, pack_linear_weight
+from verydeep.runtime.cpu import (
+    max_pool_nhwc,
+    onednn_conv,
+    onednn_linear,
+    onednn_qconv,
+    onednn_qlinear,
+    pack_conv_weight,
+    pack_linear_weight,
+    pack_qconv_weight,
+    pack_qlinear_weight,
+    quantize_activation,
+    quantize_weight,
+)
 from verydeep.runtime.cuda import cudnn_conv_relu, triton_max_pool
+from verydeep.runtime.int8 import Calibration
 from verydeep.runtime.plan import Plan
 from verydeep.runtime.source import as_source, bias_of, child, conv_padding
 
@@ -36,6 +50,20 @@ class Step:
     name: str
     relu: bool = field(default=False, kw_only=True)  # a ReLU fused into this step
     after: list[str] = field(default_factory=list, kw_only=True)
+    scale: float = field(default=0.0, kw_only=True)  # int8: the scale of the output codes (0: float output)
+
+
+@dataclass(eq=False)
+class Quantized:
+    """int8 plan: how a conv/fc step's uint8 input codes map to values, and its weights' scales."""
+
+    x_scale: float
+    x_zero_point: int
+    w_scale: torch.Tensor  # per output channel
+    w_zero_point: torch.Tensor = field(init=False)  # zeros: the weights are symmetric
+
+    def __post_init__(self) -> None:
+        self.w_zero_point = torch.zeros(self.w_scale.numel(), dtype=torch.long)
 
 
 @dataclass(eq=False)
@@ -44,12 +72,14 @@ class ConvStep(Step):
     bias: torch.Tensor | None
     padding: int
     pool_next: bool = False  # the fused ReLU is followed by a pool
+    quantized: Quantized | None = None
 
 
 @dataclass(eq=False)
 class FcStep(Step):
     weight: torch.Tensor  # as the plan's linear kernel takes it (packed, it serves unfused calls too)
     bias: torch.Tensor
+    quantized: Quantized | None = None
 
 
 @dataclass(eq=False)
@@ -65,6 +95,7 @@ class ReluStep(Step):
 @dataclass(eq=False)
 class LrnStep(Step):
     module: nn.Module
+    x_scale: float = 0.0  # int8: the scale of the input codes
 
 
 def pooled(kind: str, size: int) -> int:
@@ -72,8 +103,25 @@ def pooled(kind: str, size: int) -> int:
     return -(-(size - 2) // 2) + 1 if kind == "pool" else size
 
 
-def build_steps(model: nn.Module, plan: Plan) -> list[Step]:
-    """``model``'s layers as steps for ``plan``, the weights converted (and packed) once."""
+def quantized_outputs(specs: list[LayerSpec]) -> list[str]:
+    """The layers whose ranges int8 calibration measures: the ReLU after each conv and fc but the
+    last fc (whose float logits are not quantized), and each LRN."""
+    names = []
+    for i, spec in enumerate(specs):
+        if spec.kind in ("conv", "fc") and i + 1 < len(specs) and specs[i + 1].kind == "relu":
+            names.append(specs[i + 1].name)
+        elif spec.kind == "lrn":
+            names.append(spec.name)
+    return names
+
+
+def build_steps(model: nn.Module, plan: Plan, calibration: Calibration | None = None) -> list[Step]:
+    """``model``'s layers as steps for ``plan``, the weights converted (and packed) once; an int8
+    plan needs the ``calibration`` that fixes each layer's scales."""
+    if plan.dtype == "int8":
+        if calibration is None:
+            raise VerydeepError("an int8 plan needs a calibration (optimized('int8', calibration=images))")
+        return _quantize_steps(model, plan, calibration)
     specs = as_source(model).specs
     steps: list[Step] = []
     hw = configs.CROP
@@ -126,6 +174,67 @@ def _fc_step(fc: nn.Linear, spec: LayerSpec, plan: Plan, *, relu: bool) -> FcSte
     return FcStep(spec.name, relu=relu, weight=w, bias=b)
 
 
+def _quantize_steps(model: nn.Module, plan: Plan, calibration: Calibration) -> list[Step]:
+    """The int8 plan's steps: conv and fc weights quantized per channel and packed for oneDNN
+    with the input scale each will see; the scales follow the data (a pool keeps its input's)."""
+    specs = as_source(model).specs
+    levels = plan.int8_levels
+    x_scale, x_zero = calibration.input_quantization(levels)
+    steps: list[Step] = []
+    hw = configs.CROP
+    with torch.no_grad():
+        for i, spec in enumerate(specs):
+            relu_next = i + 1 < len(specs) and specs[i + 1].kind == "relu"
+            last = spec.kind == "fc" and all(s.kind not in ("conv", "fc") for s in specs[i + 1 :])
+            if spec.kind in ("conv", "fc") and not relu_next and not last:
+                raise VerydeepError(f"int8: layer {spec.name} has no ReLU after it; int8 covers VGG nets only")
+            out_scale = (
+                0.0 if last or spec.kind not in ("conv", "fc") else calibration.output_scale(specs[i + 1].name, levels)
+            )
+            if spec.kind == "conv":
+                conv = child(model, spec.name, nn.Conv2d)
+                q, w_scale = quantize_weight(conv.weight)
+                pad = conv_padding(conv)
+                packed = pack_qconv_weight(q, w_scale, x_scale, x_zero, pad, [1, spec.in_channels, hw, hw])
+                pool_next = relu_next and i + 2 < len(specs) and specs[i + 2].kind == "pool"
+                quantized = Quantized(x_scale, x_zero, w_scale)
+                b = bias_of(conv).float()
+                steps.append(
+                    ConvStep(spec.name, relu=True, weight=packed, bias=b, padding=pad, pool_next=pool_next,
+                             quantized=quantized, scale=out_scale)
+                )  # fmt: skip
+                x_scale, x_zero = out_scale, 0
+            elif spec.kind == "fc":
+                fc = child(model, spec.name, nn.Linear)
+                q, w_scale = quantize_weight(fc.weight)
+                quantized = Quantized(x_scale, x_zero, w_scale)
+                steps.append(
+                    FcStep(spec.name, relu=relu_next, weight=pack_qlinear_weight(q), bias=bias_of(fc).float(),
+                           quantized=quantized, scale=out_scale)
+                )  # fmt: skip
+                x_scale, x_zero = out_scale, 0
+            elif spec.kind == "relu":
+                steps[-1].after.append(spec.name)  # fused into the conv/fc before it (checked above)
+            elif spec.kind == "dropout":
+                if steps:
+                    steps[-1].after.append(spec.name)
+            elif spec.kind == "pool":
+                steps.append(PoolStep(spec.name, scale=x_scale))
+            elif spec.kind == "lrn":
+                lrn_scale = calibration.output_scale(spec.name, levels)
+                steps.append(
+                    LrnStep(spec.name, module=child(model, spec.name, nn.Module), x_scale=x_scale, scale=lrn_scale)
+                )
+                x_scale, x_zero = lrn_scale, 0
+            hw = pooled(spec.kind, hw)
+    return steps
+
+
+def dequantize(s: Step, x: torch.Tensor) -> torch.Tensor:
+    """A step's output as float values: uint8 codes times the step's scale; float passes through."""
+    return x.float().mul_(s.scale) if x.dtype == torch.uint8 else x
+
+
 # -- running a step --------------------------------------------------------------------------------
 class Kernels:
     """Runs steps with the kernels ``plan`` chose."""
@@ -134,9 +243,21 @@ class Kernels:
         self.plan = plan
         self.memory_format = torch.channels_last if plan.channels_last else torch.contiguous_format
 
+    def _codes(self, q: Quantized, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as the uint8 codes an int8 step takes (a float tap in between is re-quantized)."""
+        if x.dtype == torch.uint8:
+            return x
+        return quantize_activation(x, q.x_scale, q.x_zero_point, self.plan.int8_levels)
+
     def conv(self, s: ConvStep, x: torch.Tensor, relu: bool | None = None) -> torch.Tensor:
-        """The convolution, with its fused ReLU unless ``relu=False``."""
+        """The convolution, with its fused ReLU unless ``relu=False`` (int8: then float out)."""
         relu = s.relu if relu is None else relu
+        if s.quantized is not None:
+            q = s.quantized
+            return onednn_qconv(
+                self._codes(q, x), q.x_scale, q.x_zero_point, s.weight, q.w_scale, q.w_zero_point, s.bias,
+                s.padding, s.scale, relu=relu, out_float=not relu or not s.scale,
+            )  # fmt: skip
         if self.plan.conv == "onednn-prepacked":
             return onednn_conv(x, s.weight, s.bias, s.padding, relu=relu)
         if relu and self.plan.conv == "cudnn-relu":
@@ -147,6 +268,12 @@ class Kernels:
     def linear(self, s: FcStep, x: torch.Tensor, relu: bool | None = None) -> torch.Tensor:
         """The fc layer, with its fused ReLU unless ``relu=False``."""
         relu = s.relu if relu is None else relu
+        if s.quantized is not None:
+            q = s.quantized
+            return onednn_qlinear(
+                self._codes(q, x), q.x_scale, q.x_zero_point, s.weight, q.w_scale, q.w_zero_point, s.bias, s.scale,
+                relu=relu, out_float=not relu or not s.scale,
+            )  # fmt: skip
         if self.plan.linear == "onednn-prepacked":
             return onednn_linear(x, s.weight, s.bias, relu=relu)
         x = F.linear(x, s.weight, s.bias)
@@ -160,12 +287,21 @@ class Kernels:
             return triton_max_pool(x)
         if self.plan.pool == "compiled":
             return compiled_max_pool(x)
+        if x.dtype == torch.uint8 and (h % 2 or w % 2):
+            # int8 codes after a ReLU are >= 0, so a zero row/column completes the round-up window
+            # exactly (ATen's max pool has no channels-last uint8 kernel for odd sizes).
+            x = F.pad(x, (0, w % 2, 0, h % 2)).contiguous(memory_format=torch.channels_last)
+            h, w, channels_last = h + h % 2, w + w % 2, True
         if self.plan.pool == "nhwc-maximum" and h % 2 == 0 and w % 2 == 0 and channels_last:
             return max_pool_nhwc(x)
         return F.max_pool2d(x, 2, 2, ceil_mode=True)
 
     def lrn(self, s: LrnStep, x: torch.Tensor) -> torch.Tensor:
         """LRN in fp32 (no reduced-precision kernel, and its power law is precision-sensitive)."""
+        if x.dtype == torch.uint8:  # int8: values in, codes of the calibrated output range out
+            y = s.module(x.float().mul_(s.x_scale))
+            y = quantize_activation(y, s.scale, 0, self.plan.int8_levels)
+            return y.contiguous(memory_format=self.memory_format)
         y = s.module(x.float())
         return y.to(x.dtype).contiguous(memory_format=self.memory_format)
 

@@ -1,0 +1,36 @@
+"""int8 calibration images from a folder: what ``--calibration DIR`` reads.
+
+The images are preprocessed as the center-crop protocol does (shorter side to 256, the central
+224x224, Caffe's BGR minus the mean pixel), so the ranges calibration measures are the ranges the
+net sees in use. Unreadable files are skipped (and counted); the first ``count`` readable images
+in file-name order are used, so a run is repeatable.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from verydeep.data.images import resolve_inputs
+from verydeep.data.preprocess import center_crop_caffe
+from verydeep.errors import ImageError, VerydeepError
+
+
+def calibration_images(source: str | os.PathLike[str], count: int) -> torch.Tensor:
+    """Up to ``count`` images of ``source`` (a folder, list file or image) as a Caffe-space
+    N x 3 x 224 x 224 batch; one line of error when none can be read."""
+    paths = sorted(resolve_inputs(source))
+    crops: list[torch.Tensor] = []
+    first_error = ""
+    for path in paths:
+        if len(crops) == count:
+            break
+        try:
+            crops.append(center_crop_caffe(path))
+        except ImageError as e:
+            first_error = first_error or str(e)
+    if not crops:
+        why = f" (first: {first_error})" if first_error else ""
+        raise VerydeepError(f"{source}: --calibration found no readable images among {len(paths)} files{why}")
+    return torch.stack(crops)
