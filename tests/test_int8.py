@@ -203,3 +203,21 @@ def test_onnxruntime_int8_export_agrees(tmp_path):
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
     assert rel(theirs, exact) < TOLERANCE["int8"]
     assert rel(ours, exact) < TOLERANCE["int8"]
+
+
+def test_export_int8_onnx_is_checked_and_quantized(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from verydeep.formats.export import export
+
+    model = random_vgg(num_classes=10)
+    report = export(model, tmp_path / "vgg.onnx", "onnx", precision="int8", calibration=probe(8, seed=3))
+    assert not report.exact and report.max_rel_error < TOLERANCE["int8"]
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "vgg.onnx")).graph.node]
+    assert ops.count("QuantizeLinear") >= 13  # every conv's input at least
+    with pytest.raises(VerydeepError, match="only the onnx format"):
+        export(model, tmp_path / "vgg.pth", "torchvision", precision="int8", calibration=probe(2))
+    with pytest.raises(VerydeepError, match="needs calibration images"):
+        export(model, tmp_path / "x.onnx", "onnx", precision="int8")
+    assert not (tmp_path / "x.onnx").exists()

@@ -33,6 +33,8 @@ class ExportRequest:
     dense: bool = False
     opset: int = 18
     exporter: str = "dynamo"
+    precision: str = "fp32"  # "int8": a statically quantized ONNX (onnxruntime's QDQ format)
+    calibration: torch.Tensor | None = None  # int8: Caffe-space calibration images
 
 
 @dataclass

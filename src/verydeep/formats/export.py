@@ -20,6 +20,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from verydeep.errors import VerydeepError
@@ -51,12 +52,16 @@ def export(
     dense: bool = False,
     opset: int = OPSET,
     exporter: str = "dynamo",
+    precision: str = "fp32",
+    calibration: torch.Tensor | None = None,
 ) -> ExportReport:
     """Write ``model`` as ``format`` to ``out`` taking ``input_space`` input; check it; report.
 
     ``input_space`` defaults to Caffe's for every format but torchvision, whose default is
     torchvision's usual input (RGB, [0,1], ImageNet mean/std). ``dense`` exports the fully
     convolutional view (ONNX with dynamic height and width; Caffe with fc layers as convolutions).
+    ``precision="int8"`` (ONNX only) writes onnxruntime's static int8 model, calibrated on
+    ``calibration`` (Caffe-space images, as ``model.optimized("int8", calibration=...)`` takes).
     """
     if format not in FORMATS:
         raise VerydeepError(f"unknown export format {format!r}; known: {', '.join(FORMATS)}")
@@ -66,7 +71,16 @@ def export(
     space = input_space or default_space
     if space not in INPUT_SPACES:
         raise VerydeepError(f"unknown input space {space!r}; known: {', '.join(INPUT_SPACES)}")
+    if precision not in ("fp32", "int8"):
+        raise VerydeepError(f"--precision {precision}: export writes fp32, or int8 for ONNX")
+    if precision == "int8" and format != "onnx":
+        raise VerydeepError(f"--precision int8: only the onnx format holds a quantized net, not {format}")
+    if precision == "int8" and calibration is None:
+        raise VerydeepError("--precision int8 needs calibration images (--calibration DIR)")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    request = ExportRequest(model.eval(), out, space, dense=dense, opset=opset, exporter=exporter)
+    request = ExportRequest(
+        model.eval(), out, space, dense=dense, opset=opset, exporter=exporter, precision=precision,
+        calibration=calibration,
+    )  # fmt: skip
     return writer(request)
