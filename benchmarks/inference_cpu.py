@@ -6,10 +6,11 @@ Classic 224x224 at batch 1 and 16 and dense at Q=384 (one 384x512 image), fp32, 
 fast paths against torchvision's eager fp32 VGG-16, onnxruntime (fp32, and its static int8
 calibrated on the same images) and OpenCV, interleaved in one process (see ``verydeep.bench``).
 ``--calibration DIR`` calibrates int8 on real photos instead of generated images. ``--compile``
-adds the ``torch.compile`` (freezing) variant, whose first call (compilation) is reported as ``first_call_s``. The allocator matters for the
-eager baseline (glibc returns large activations to the OS and page-faults them back in every
-call); to see it, run once more with ``MALLOC_MMAP_THRESHOLD_=17179869184
-MALLOC_TRIM_THRESHOLD_=17179869184`` in the environment (RESULTS.md has both).
+adds the ``torch.compile`` (freezing) variant, whose first call (compilation) is reported as
+``first_call_s``. The allocator matters for the eager baseline (glibc returns large activations
+to the OS and page-faults them back in every call); to see it, run once more with
+``MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184`` in the environment
+(RESULTS.md has both).
 """
 
 from __future__ import annotations

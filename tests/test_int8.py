@@ -221,3 +221,68 @@ def test_export_int8_onnx_is_checked_and_quantized(tmp_path):
     with pytest.raises(VerydeepError, match="needs calibration images"):
         export(model, tmp_path / "x.onnx", "onnx", precision="int8")
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_cli_commands_take_int8(tmp_path, narrow_weights, image_files):
+    """classify, extract, evaluate and export with --precision int8, end to end."""
+    import json
+
+    from helpers import make_image_folder, run_cli
+
+    out = run_cli(["classify", *image_files, "--weights", narrow_weights, "--precision", "int8", "--json"])
+    assert "calibrated on the first" in out.stderr  # its own images, and it says so
+    results = json.loads(out.stdout)
+    assert len(results) == 3 and results[0]["precision"]["computed"] == "int8"
+    exact = json.loads(run_cli(["classify", *image_files, "--weights", narrow_weights, "--json"]).stdout)
+    assert [r["predictions"][0]["index"] for r in results] == [r["predictions"][0]["index"] for r in exact]
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(4):
+        photo(240, 300, seed=10 + i).save(calib / f"{i}.jpg")
+    listed = tmp_path / "images.txt"
+    listed.write_text("\n".join(image_files) + "\n")
+    feats = tmp_path / "feats.npz"
+    run_cli(["extract", str(listed), "--weights", narrow_weights, "--layer", "fc7", "-o", str(feats),
+             "--precision", "int8", "--calibration", str(calib), "--no-progress"])  # fmt: skip
+    exact_feats = tmp_path / "exact.npz"
+    run_cli(["extract", str(listed), "--weights", narrow_weights, "--layer", "fc7", "-o", str(exact_feats),
+             "--no-progress"])  # fmt: skip
+    assert rel(np.load(feats)["fc7"], np.load(exact_feats)["fc7"]) < TOLERANCE["int8"]
+
+    from helpers import CLASSES
+
+    from verydeep.formats.safetensors import save_safetensors
+
+    four = random_vgg(num_classes=len(CLASSES))
+    four.class_names = list(CLASSES)
+    four_path = str(save_safetensors(four, tmp_path / "four.safetensors"))
+    data = make_image_folder(tmp_path / "val", per_class=2, seed=0)
+    ev = run_cli(["evaluate", str(data), "--weights", four_path, "--protocol", "center", "--precision", "int8",
+                  "--json", "--no-progress"])  # fmt: skip
+    assert json.loads(ev.stdout)["images"] == 2 * len(list(data.iterdir()))
+
+    onnx_out = tmp_path / "net.onnx"
+    run_cli(["export", narrow_weights, "--format", "onnx", "--precision", "int8", "--calibration", str(calib),
+             "-o", str(onnx_out)])  # fmt: skip
+    assert onnx_out.stat().st_size > 0
+    bad = run_cli(["export", narrow_weights, "--format", "onnx", "--precision", "int8"], check=False)
+    assert bad.returncode == 1 and "needs --calibration" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bench_measures_int8_against_onnxruntime_int8():
+    pytest.importorskip("onnxruntime")
+    from verydeep.bench import run_bench
+
+    report = run_bench(
+        arch="A", width=1 / 16, num_classes=10, batches=(2,), precisions=("fp32", "int8"), dense=None,
+        repeats=1, warmup=0, baselines=("torchvision", "onnxruntime"), calibration_images=4,
+    )  # fmt: skip
+    rows = {f"{r['engine']} {r['precision']}": r for r in report["results"]}
+    assert {"verydeep int8", "onnxruntime int8", "onnxruntime fp32"} <= set(rows)
+    ours = rows["verydeep int8"]
+    assert ours["fidelity"] == "reduced" and ours["best_peer"] == "onnxruntime int8"
+    assert ours["vs_best_peer"] > 0 and rows["verydeep fp32"]["best_peer"] == "onnxruntime fp32"
+    assert ours["rel_error"] < TOLERANCE["int8"] and 0 <= ours["top5_overlap"] <= 1
+    assert report["plans"]["int8"]["isa"] == caps.cpu_class()
+    assert "int8" in ours["plan"] and report["settings"]["calibration_images"] == 4

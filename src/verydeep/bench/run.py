@@ -181,7 +181,9 @@ def fast_engines(
     engines, plans = [], {}
     variants = [("verydeep", "", False)] + ([("verydeep+compile", "+compile", True)] if options.compile else [])
     for p in options.precisions:
-        calibrating = f" (calibrating on {calibration.shape[0]} images)" if p == "int8" and calibration is not None else ""
+        calibrating = ""
+        if p == "int8" and calibration is not None:
+            calibrating = f" (calibrating on {calibration.shape[0]} images)"
         say(f"building verydeep {p}{calibrating}")
         for name, suffix, compiled in variants:
             if compiled and p == "int8":

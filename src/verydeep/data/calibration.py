@@ -9,6 +9,7 @@ in file-name order are used, so a run is repeatable.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -17,10 +18,11 @@ from verydeep.data.preprocess import center_crop_caffe
 from verydeep.errors import ImageError, VerydeepError
 
 
-def calibration_images(source: str | os.PathLike[str], count: int) -> torch.Tensor:
-    """Up to ``count`` images of ``source`` (a folder, list file or image) as a Caffe-space
-    N x 3 x 224 x 224 batch; one line of error when none can be read."""
-    paths = sorted(resolve_inputs(source))
+def calibration_images(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], count: int) -> torch.Tensor:
+    """Up to ``count`` images of ``source`` (a folder, list file or image, or a list of those) as
+    a Caffe-space N x 3 x 224 x 224 batch; one line of error when none can be read."""
+    sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    paths = sorted({p for s in sources for p in resolve_inputs(s)})
     crops: list[torch.Tensor] = []
     first_error = ""
     for path in paths:

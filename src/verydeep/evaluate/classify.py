@@ -41,12 +41,14 @@ def classify_files(
     device: str = "cpu",
     precision: str = "fp32",
     class_names: Sequence[str] | None = None,
+    calibration: torch.Tensor | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Classify image files in batches. Returns (results, errors); an unreadable file is an
-    error line naming it, and the other images are still classified."""
+    error line naming it, and the other images are still classified. ``calibration``: the
+    Caffe-space images ``precision="int8"`` is calibrated on."""
     names = class_names if class_names is not None else getattr(model, "class_names", None)
     model = model.to(device).eval()
-    run = model if precision == "fp32" else _fast_path(model, precision)
+    run = model if precision == "fp32" else _fast_path(model, precision, calibration)
     results: list[dict[str, Any]] = []
     errors: list[str] = []
     good: list[tuple[str, torch.Tensor]] = []
@@ -63,10 +65,10 @@ def classify_files(
     return results, errors
 
 
-def _fast_path(model: nn.Module, precision: str) -> nn.Module:
+def _fast_path(model: nn.Module, precision: str, calibration: torch.Tensor | None) -> nn.Module:
     """The model's reduced-precision runtime (:mod:`verydeep.runtime`)."""
     optimized = getattr(model, "optimized", None)
     if not callable(optimized):
         raise VerydeepError(f"precision {precision} needs a Table 1 VGG's fast path; found a {type(model).__name__}")
-    fast: nn.Module = optimized(precision=precision)
+    fast: nn.Module = optimized(precision=precision, calibration=calibration)
     return fast
