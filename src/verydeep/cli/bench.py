@@ -5,8 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from verydeep.cli.common import add_alias, add_command, add_json_option, print_json
-from verydeep.core.defaults import PRECISIONS
+from verydeep.cli.common import (
+    MAX_SCALE,
+    add_alias,
+    add_calibration_options,
+    add_command,
+    add_json_option,
+    float_range,
+    int_range,
+    positive_int,
+    print_json,
+)
+from verydeep.configs import CROP
+from verydeep.core.defaults import INFERENCE_PRECISIONS
 
 EXAMPLES = """examples:
   verydeep bench                                   # VGG-16, random weights: batch 1 and 16, fp32 and bf16, dense Q=384
@@ -20,14 +31,28 @@ fp32 VGG (the classic net) and to verydeep's exact eager dense view (dense).
 """
 
 
+#: The widest net to time: 4x the paper's channels is 16x its 138M parameters (train's bound).
+MAX_WIDTH = 4.0
+#: torch/onnxruntime/OpenCV threads: more than any machine's cores only adds contention.
+MAX_THREADS = 1024
+
+
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _dense_scale(text: str) -> int:
+    """``--dense``: 0 (skip the dense net) or a test scale Q the classic crop fits in."""
+    value = int_range(0, MAX_SCALE)(text)
+    if 0 < value < CROP:
+        raise argparse.ArgumentTypeError(f"must be 0 (skip) or {CROP}..{MAX_SCALE}, found {value}")
+    return value
 
 
 #: BenchOptions field -> the command-line option it comes from (the same name but for two).
 SAME_NAME = ("weights", "prototxt", "arch", "width", "num_classes", "repeats", "warmup", "baselines", "device")
 FROM_ARGS = {
-    **{name: name for name in (*SAME_NAME, "threads", "compile")},
+    **{name: name for name in (*SAME_NAME, "threads", "compile", "calibration", "calibration_images")},
     "batches": "batch",
     "precisions": "precision",
 }
@@ -49,38 +74,39 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--prototxt", metavar="PATH", help="deploy prototxt for a caffemodel whose net is not a known VGG")
     p.add_argument("--arch", default="D", help="Table 1 configuration without --weights (default: %(default)s)")
-    p.add_argument(
-        "--width", type=float, default=1.0, help="channel width factor without --weights (default: %(default)s)"
-    )
-    p.add_argument("--num-classes", type=int, default=1000, help="classes without --weights (default: %(default)s)")
+    width = f"channel width factor without --weights, in (0, {MAX_WIDTH:g}] (default: %(default)s)"
+    p.add_argument("--width", type=float_range(0, MAX_WIDTH, low_open=True), default=1.0, help=width)
+    classes = "classes without --weights (default: %(default)s)"
+    p.add_argument("--num-classes", type=positive_int, default=1000, help=classes)
     p.add_argument(
         "--batch-size",
         dest="batch",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=[1, 16],
         metavar="N",
         help="classic-net batch sizes (default: 1 16)",
     )
-    add_alias(p, "--batch", dest="batch", type=int, nargs="+")
+    add_alias(p, "--batch", dest="batch", type=positive_int, nargs="+")
     p.add_argument(
         "--precision",
         nargs="+",
-        choices=tuple(PRECISIONS),
+        choices=INFERENCE_PRECISIONS,
         default=["fp32", "bf16"],
-        help="fast-path precisions to measure (default: fp32 bf16)",
+        help="fast-path precisions to measure (default: fp32 bf16; int8 is calibrated, see --calibration)",
     )
+    add_calibration_options(p)
     p.add_argument(
         "--dense",
-        type=int,
+        type=_dense_scale,
         default=384,
         metavar="Q",
-        help="dense net on one Q x 4Q/3 image; 0 skips it (default: %(default)s)",
+        help=f"dense net on one Q x 4Q/3 image, Q in {CROP}..{MAX_SCALE}; 0 skips it (default: %(default)s)",
     )
-    p.add_argument(
-        "--repeats", type=int, default=5, metavar="N", help="timed calls per engine and input (default: %(default)s)"
-    )
-    p.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed first calls (default: %(default)s)")
+    repeats = "timed calls per engine and input (default: %(default)s)"
+    p.add_argument("--repeats", type=positive_int, default=5, metavar="N", help=repeats)
+    warmup = "untimed first calls (default: %(default)s)"
+    p.add_argument("--warmup", type=int_range(0), default=1, metavar="N", help=warmup)
     p.add_argument(
         "--baselines",
         type=_csv,
@@ -89,7 +115,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="comma-separated: torchvision, exact, onnxruntime, opencv (default: torchvision,onnxruntime,opencv)",
     )
     p.add_argument("--compile", action="store_true", help="also measure the torch.compile variant of each precision")
-    p.add_argument("--threads", type=int, metavar="N", help="torch/onnxruntime/OpenCV threads (default: torch's)")
+    threads = f"torch/onnxruntime/OpenCV threads, 1..{MAX_THREADS} (default: torch's)"
+    p.add_argument("--threads", type=int_range(1, MAX_THREADS), metavar="N", help=threads)
     p.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1); default: cuda if available")
     p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     add_json_option(p)

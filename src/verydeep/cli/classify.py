@@ -5,8 +5,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from verydeep.cli.common import add_command, add_json_option, add_model_options, precision_report, print_json
+from verydeep.cli.common import (
+    add_command,
+    add_json_option,
+    add_model_options,
+    calibration_for,
+    positive_int,
+    precision_report,
+    print_json,
+)
 
+#: Classes shown per image unless --top says otherwise (all of them for a model with fewer).
+DEFAULT_TOP = 5
 EXAMPLES = """examples:
   verydeep classify cat.jpg
   verydeep classify *.jpg --top 3 --json
@@ -19,8 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "classify", help="top-k ImageNet classes for images", description=what, examples=EXAMPLES)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders (scanned), or '-' (paths on stdin)")
     add_model_options(p)
-    p.add_argument("--top", type=int, default=5, help="classes per image (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=16)
+    top = "classes per image, 1..the model's classes (default: 5, or all of fewer)"
+    p.add_argument("--top", type=positive_int, help=top)
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default: %(default)s)")
     add_json_option(p)
     p.set_defaults(run=run)
 
@@ -28,20 +39,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from verydeep.core.defaults import default_device
     from verydeep.core.tables import format_table
+    from verydeep.errors import VerydeepError
     from verydeep.evaluate.classify import classify_files
     from verydeep.hub.loader import load
 
     device = default_device(args.device)  # a GPU that is not there fails before any download
     images = [str(p) for item in args.images for p in _expand(item)]
     model = load(args.weights, args.prototxt)
+    classes = int(getattr(model, "num_classes", 0) or 0)
+    if args.top is not None and classes and args.top > classes:
+        raise VerydeepError(f"--top {args.top}: the model has {classes} classes; use 1..{classes}")
+    top = args.top or (min(DEFAULT_TOP, classes) if classes else DEFAULT_TOP)
     precision = precision_report(model, args.precision, device, command="classify")
+    calibration = calibration_for(args, images, command="classify")
     results, errors = classify_files(
         model,
         images,
-        top=args.top,
+        top=top,
         batch_size=args.batch_size,
         device=device,
         precision=args.precision,
+        calibration=calibration,
     )
     if args.json:
         print_json([{**r, "precision": precision} for r in results])

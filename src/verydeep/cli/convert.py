@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from verydeep.cli.common import add_command
+from verydeep.cli.common import add_command, output_file
 
 EXAMPLES = """examples:
   verydeep convert VGG_ILSVRC_16_layers.caffemodel -o vgg16.safetensors
@@ -16,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "convert", help="convert a caffemodel (or .pth/.h5) to a safetensors file", examples=EXAMPLES)
     p.add_argument("input", metavar="IN")
     p.add_argument("--prototxt", metavar="PATH")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
+    p.add_argument("-o", "--output", required=True, type=output_file, metavar="OUT.safetensors")
     p.set_defaults(run=run)
 
 

@@ -9,9 +9,16 @@ from verydeep.cli.common import (
     add_command,
     add_json_option,
     add_model_options,
+    calibration_for,
+    float_range,
+    int_range,
+    output_file,
+    positive_int,
     precision_report,
     print_json,
     print_skipped,
+    test_scale,
+    workers_count,
 )
 
 EPILOG = """\
@@ -38,6 +45,9 @@ examples:
 #: :func:`~verydeep.evaluate.run.evaluate` as they are (same names).
 PROTOCOL_OPTIONS = "interpolation grid grid_size dense_average".split()
 RUN_OPTIONS = "precision batch_size max_batch workers scores resume overwrite checkpoint_every".split()
+#: The finest multi-crop grid: N x N crops per scale and flip (the paper's 5 x 5 gives 150 crops
+#: at three scales); beyond 16 x 16 the crops of a 256 image overlap by more than 98%.
+MAX_GRID_SIZE = 16
 
 
 def add_parser(sub: Any) -> None:
@@ -62,37 +72,39 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--meta", metavar="MAT", help="the devkit's meta.mat (default: next to the ground-truth file)")
     synsets = "class list fixing the class order (LOC_synset_mapping.txt, synset_words.txt, meta.mat)"
     g.add_argument("--synsets", metavar="FILE", help=synsets)
-    g.add_argument("--limit", type=int, metavar="N", help="evaluate N images spread evenly over the set")
+    g.add_argument("--limit", type=positive_int, metavar="N", help="evaluate N images spread evenly over the set")
 
     g = p.add_argument_group("protocol")
     g.add_argument("--protocol", choices=PROTOCOLS, default="dense", help="test protocol (default: %(default)s)")
-    scales = "test scales Q, shorter side (default: 256 for center, else 256 384 512)"
-    g.add_argument("--scales", type=int, nargs="+", metavar="Q", help=scales)
+    scales = "test scales Q, shorter side, 224..1024 (default: 256 for center, else 256 384 512)"
+    g.add_argument("--scales", type=test_scale, nargs="+", metavar="Q", help=scales)
     g.add_argument("--no-flip", action="store_true", help="do not add horizontally flipped images/crops")
     rescaling = "rescaling (default: %(default)s, antialiased)"
     g.add_argument("--interpolation", choices=INTERPOLATIONS, default="bilinear", help=rescaling)
     placement = "multi-crop placement (default: %(default)s: corners to corners)"
     g.add_argument("--grid", choices=GRIDS, default="span", help=placement)
-    g.add_argument("--grid-size", type=int, default=5, metavar="N", help="multi-crop grid N x N (default: %(default)s)")
+    grid = f"multi-crop grid N x N, N in 1..{MAX_GRID_SIZE} (default: %(default)s)"
+    g.add_argument("--grid-size", type=int_range(1, MAX_GRID_SIZE), default=5, metavar="N", help=grid)
     average = "average the class score map before the soft-max (scores, the paper) or after (default: %(default)s)"
     g.add_argument("--dense-average", choices=DENSE_AVERAGES, default="scores", help=average)
 
     g = p.add_argument_group("model and device")
     add_model_options(g)
-    g.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per batch (default: %(default)s)")
+    batch = "images per batch (default: %(default)s)"
+    g.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help=batch)
     crops = "most 224x224 crops (or as many pixels) per forward pass (default: %(default)s)"
-    g.add_argument("--max-batch", type=int, default=128, metavar="N", help=crops)
+    g.add_argument("--max-batch", type=positive_int, default=128, metavar="N", help=crops)
     workers = "decoding processes (default: CPUs, at most 8; 0 decodes in the main process)"
-    g.add_argument("--workers", type=int, metavar="N", help=workers)
+    g.add_argument("--workers", type=workers_count, metavar="N", help=workers)
 
     g = p.add_argument_group("results")
     scores = "write per-image soft-max, labels and ids (partial results go to OUT.npz.parts/)"
-    g.add_argument("--scores", metavar="OUT.npz", help=scores)
+    g.add_argument("--scores", type=output_file, metavar="OUT.npz", help=scores)
     g.add_argument("--resume", action="store_true", help="continue the run whose partial results are next to --scores")
     g.add_argument("--overwrite", action="store_true", help="recompute even if --scores holds a finished run")
     flush = "flush partial results this often (default: %(default)s)"
-    g.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS", help=flush)
-    g.add_argument("--predictions", metavar="OUT.csv", help="write each image's top-5 classes")
+    g.add_argument("--checkpoint-every", type=float_range(0), default=60.0, metavar="SECONDS", help=flush)
+    g.add_argument("--predictions", type=output_file, metavar="OUT.csv", help="write each image's top-5 classes")
     fuse = "fuse saved runs (average their soft-max) instead of evaluating"
     g.add_argument("--combine", nargs="+", metavar="NPZ", help=fuse)
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -146,9 +158,11 @@ def _evaluate(args: argparse.Namespace, ctx: Any) -> tuple[Any, Any]:
     precision = precision_report(model, args.precision, device, command="evaluate", quiet=not ctx.is_main)
     run_info = {"weights": str(args.weights), "data": str(args.data), "labels": args.labels, "precision": precision}
     options = {name: getattr(args, name) for name in RUN_OPTIONS}
+    calibration = calibration_for(args, list(data.paths), command="evaluate", quiet=not ctx.is_main)
     result = evaluate(
-        model, data, protocol, device=device, progress=not args.no_progress, ctx=ctx, run_info=run_info, **options
-    )
+        model, data, protocol, device=device, progress=not args.no_progress, ctx=ctx, run_info=run_info,
+        calibration=calibration, **options,
+    )  # fmt: skip
     return result, getattr(model, "class_names", None)
 
 

@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import argparse
 
-from verydeep.cli.common import add_command, add_json_option, add_model_options, print_json, print_skipped
+from verydeep.cli.common import (
+    MAX_SCALE,
+    add_command,
+    add_json_option,
+    add_model_options,
+    float_range,
+    image_side,
+    int_range,
+    output_folder,
+    positive_int,
+    print_json,
+    print_skipped,
+    workers_count,
+)
 from verydeep.core.tables import format_table
 
 EXAMPLES = """examples:
@@ -28,6 +41,11 @@ no crop, so the dense net has more than one position). With random weights the m
 #: ``--method`` choices: the names of :data:`verydeep.explain.methods.METHODS` and the class model,
 #: spelled here so ``--help`` does not import torch.
 METHODS = ("gradcam", "saliency", "guided-backprop", "guided-gradcam", "score-map", "class-model")
+#: SmoothGrad's noisy copies: its paper finds the map stops changing by ~50; each copy is a
+#: forward and backward pass of the image.
+MAX_SMOOTH = 1000
+#: Class-model gradient steps: the paper's images settle within a few hundred.
+MAX_STEPS = 100_000
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,24 +61,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="class to explain (default: each image's top class); class-model: repeatable, required",
     )
     p.add_argument("--layer", metavar="NAME", help="Grad-CAM's layer, a Caffe name (default: the last conv's ReLU)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT_DIR", help="folder for the pictures and arrays")
-    p.add_argument(
-        "--smooth", type=int, default=0, metavar="N", help="saliency: average over N noisy copies (SmoothGrad)"
-    )
-    p.add_argument("--size", type=int, metavar="S", help="shorter side before cropping (default: per method)")
-    p.add_argument("--crop", type=int, metavar="C", help="central crop; 0 keeps the whole image (default: per method)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per batch (default: %(default)s)")
-    p.add_argument("--workers", type=int, metavar="N", help="decoding processes (default: CPUs, at most 8)")
-    p.add_argument("--l2", type=float, metavar="LAMBDA", help="class-model: L2 penalty lambda (default: 1e-5)")
+    out = "folder for the pictures and arrays"
+    p.add_argument("-o", "--output", required=True, type=output_folder, metavar="OUT_DIR", help=out)
+    smooth = f"saliency: average over N noisy copies (SmoothGrad), 0..{MAX_SMOOTH}"
+    p.add_argument("--smooth", type=int_range(0, MAX_SMOOTH), default=0, metavar="N", help=smooth)
+    p.add_argument("--size", type=image_side, metavar="S", help="shorter side before cropping (default: per method)")
+    crop = "central crop, at most --size; 0 keeps the whole image (default: per method)"
+    p.add_argument("--crop", type=int_range(0, MAX_SCALE), metavar="C", help=crop)
+    batch = "images per batch (default: %(default)s)"
+    p.add_argument("--batch-size", type=positive_int, default=8, metavar="N", help=batch)
+    workers = "decoding processes (default: CPUs, at most 8; 0 decodes in the main process)"
+    p.add_argument("--workers", type=workers_count, metavar="N", help=workers)
+    l2 = "class-model: L2 penalty lambda, 0 or more (default: 1e-5)"
+    p.add_argument("--l2", type=float_range(0), metavar="LAMBDA", help=l2)
     p.add_argument(
         "--step",
-        type=float,
+        type=float_range(0, low_open=True),
         metavar="PIXELS",
         help="class-model: RMS change of the zero image in the first step (default: 1)",
     )
-    p.add_argument("--steps", type=int, metavar="N", help="class-model: gradient steps (default: 200)")
+    steps = f"class-model: gradient steps, 1..{MAX_STEPS:,} (default: 200)"
+    p.add_argument("--steps", type=int_range(1, MAX_STEPS), metavar="N", help=steps)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_model_options(p)
+    add_model_options(p, int8=False)
     add_json_option(p)
     p.set_defaults(run=run)
 
@@ -86,6 +109,11 @@ def run(args: argparse.Namespace) -> int:
             raise VerydeepError(f"--class: one class for {args.method} (found {len(classes)}); run once per class")
         if not args.images:
             raise VerydeepError(f"--method {args.method} needs at least one IMAGE")
+    if args.size and args.crop and args.crop > args.size:
+        raise VerydeepError(
+            f"--crop {args.crop} is larger than --size {args.size}: the crop would be mostly padding; "
+            f"use --size {args.crop} or more"
+        )
     paths = [p for data in args.images for p in resolve_inputs(data)]
     if args.method != "class-model" and not paths:
         raise VerydeepError(f"no images found in {', '.join(args.images)}")

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from verydeep.cli.common import add_command, add_json_option, print_json
+from verydeep.cli.common import (
+    add_calibration_options,
+    add_command,
+    add_json_option,
+    calibration_for,
+    output_file,
+    print_json,
+)
 
 EXAMPLES = """examples:
   verydeep export vgg16 --format onnx -o vgg16.onnx
@@ -41,7 +48,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prototxt", metavar="PATH", help="deploy prototxt for a caffemodel whose net is not a known VGG")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument(
-        "-o", "--output", metavar="OUT", help="output file (default: WEIGHTS' name with the format's suffix)"
+        "-o",
+        "--output",
+        type=output_file,
+        metavar="OUT",
+        help="output file (default: WEIGHTS' name with the format's suffix)",
     )
     p.add_argument(
         "--input",
@@ -55,6 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="the fully convolutional net (onnx: dynamic height and width; caffe: fc as convolutions)",
     )
+    # its range (17 or later) is checked by formats.onnx, which says what each opset lacks
     p.add_argument("--opset", type=int, default=OPSET, help="ONNX opset, 17 or later (default: %(default)s)")
     p.add_argument(
         "--exporter",
@@ -62,6 +74,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="dynamo",
         help="torch.onnx exporter (default: %(default)s)",
     )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "int8"),
+        default="fp32",
+        help="fp32 (exact), or int8: onnxruntime's static QDQ model, calibrated on --calibration (onnx only)",
+    )
+    add_calibration_options(p)
     add_json_option(p)
     p.set_defaults(run=run)
 
@@ -75,7 +94,10 @@ def run(args: argparse.Namespace) -> int:
     out = args.output or Path(str(args.weights)).stem + ("_dense" if args.dense else "") + WRITERS[args.format][2]
     if Path(out).resolve() == Path(str(args.weights)).resolve():
         raise VerydeepError(f"the output {out} is the input file; pass -o OTHER.{Path(out).suffix.lstrip('.')}")
+    if args.precision == "int8" and not args.calibration:
+        raise VerydeepError("--precision int8 needs --calibration DIR: images like the ones the model will see")
     model = load(args.weights, args.prototxt, device="cpu")
+    calibration = calibration_for(args, None, command="export")
     report = export(
         model,
         out,
@@ -84,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         dense=args.dense,
         opset=args.opset,
         exporter=args.exporter,
+        precision=args.precision,
+        calibration=calibration,
     )
     if args.json:
         print_json(report.as_dict())

@@ -42,14 +42,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="none",
         help="reduce spatial maps to one vector per image (default: %(default)s)",
     )
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="OUT.npy (one layer), .npz, .parquet or .h5")
-    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per batch (default: %(default)s)")
-    p.add_argument("--workers", type=int, metavar="N", help="decoding processes (default: CPUs, at most 8)")
-    p.add_argument(
-        "--size", type=int, default=256, metavar="S", help="shorter side before cropping (default: %(default)s)"
-    )
-    p.add_argument("--crop", type=int, default=224, metavar="C", help="central crop (default: %(default)s)")
-    p.add_argument("--chunk-size", type=int, metavar="N", help="images per saved part (default: ~256 MiB of features)")
+    out = "OUT.npy (one layer), .npz, .parquet or .h5"
+    p.add_argument("-o", "--output", required=True, type=common.output_file, metavar="OUT", help=out)
+    batch = "images per batch (default: %(default)s)"
+    p.add_argument("--batch-size", type=common.positive_int, default=32, metavar="N", help=batch)
+    workers = "decoding processes (default: CPUs, at most 8; 0 decodes in the main process)"
+    p.add_argument("--workers", type=common.workers_count, metavar="N", help=workers)
+    size = "shorter side before cropping, at least the crop (default: %(default)s)"
+    p.add_argument("--size", type=common.image_side, default=256, metavar="S", help=size)
+    crop = "central crop: 193..224 for fc6 and later layers, any for conv/pool (default: %(default)s)"
+    p.add_argument("--crop", type=common.image_side, default=224, metavar="C", help=crop)
+    chunk = "images per saved part (default: ~256 MiB of features)"
+    p.add_argument("--chunk-size", type=common.positive_int, metavar="N", help=chunk)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run with the same options")
     p.add_argument("--overwrite", action="store_true", help="replace OUT and any partial results")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -61,12 +65,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from verydeep.core import distributed
     from verydeep.data.images import resolve_inputs
-    from verydeep.errors import VerydeepError
     from verydeep.extract.job import extract
     from verydeep.hub.loader import load
 
-    if args.batch_size < 1:
-        raise VerydeepError(f"--batch-size must be at least 1, found {args.batch_size}")
     ctx = distributed.init(args.device)
     try:
         inputs = resolve_inputs(args.data)
@@ -75,7 +76,11 @@ def run(args: argparse.Namespace) -> int:
         device = distributed.device_for(ctx, args.device)
         precision = common.precision_report(model, args.precision, device, command="extract", quiet=not ctx.is_main)
         options = {name: getattr(args, name) for name in FORWARDED}
-        result = extract(model, inputs, args.layer, args.output, ctx=ctx, progress=not args.no_progress, **options)
+        calibration = common.calibration_for(args, inputs, command="extract", quiet=not ctx.is_main)
+        result = extract(
+            model, inputs, args.layer, args.output, ctx=ctx, progress=not args.no_progress, calibration=calibration,
+            **options,
+        )  # fmt: skip
     finally:
         distributed.finish(ctx)
     if result is None:  # not rank 0

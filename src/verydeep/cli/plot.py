@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from verydeep.cli.common import add_alias, add_command
+from verydeep.cli.common import add_alias, add_command, output_file
 
 EPILOG = """\
 examples:
@@ -18,8 +18,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     what = "plot a training run's curves (loss, accuracy, learning rate) to a PNG"
     p = add_command(sub, "plot", help=what, examples=EPILOG)
     p.add_argument("run_dir", metavar="RUN", help="run folder, or its metrics.jsonl / metrics.csv")
-    p.add_argument("-o", "--output", dest="out", metavar="PNG", help="output file (default RUN/curves.png)")
-    add_alias(p, "--out", dest="out", metavar="PNG")
+    png = "output file (default RUN/curves.png)"
+    p.add_argument("-o", "--output", dest="out", type=output_file, metavar="PNG", help=png)
+    add_alias(p, "--out", dest="out", type=output_file, metavar="PNG")
     p.set_defaults(run=run)
 
 

@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict
 from typing import Any
 
-from verydeep.cli.common import add_alias, add_command, print_json
+from verydeep.cli.common import add_alias, add_command, output_folder, print_json
 from verydeep.core.defaults import PRECISIONS
 
 EPILOG = """\
@@ -134,9 +134,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     g = p.add_argument_group("run")
     g.add_argument(
-        "-o", "--output", dest="out", metavar="RUN_DIR", help="run folder (default runs/<arch>-<date>-<time>)"
+        "-o",
+        "--output",
+        dest="out",
+        type=output_folder,
+        metavar="RUN_DIR",
+        help="run folder (default runs/<arch>-<date>-<time>)",
     )
-    add_alias(g, "--out", dest="out", metavar="RUN_DIR")
+    add_alias(g, "--out", dest="out", type=output_folder, metavar="RUN_DIR")
     g.add_argument(
         "--checkpoint-every", type=int, metavar="STEPS", help="also at each epoch end (default 1000; 0 = epochs only)"
     )

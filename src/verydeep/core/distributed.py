@@ -9,8 +9,8 @@ results in rank order restores the input order.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from verydeep.core.defaults import default_device
+from verydeep.errors import VerydeepError
 
 
 @dataclass(frozen=True)
@@ -86,13 +87,24 @@ def barrier(ctx: Context) -> None:
         dist.barrier()
 
 
+def broadcast_object(obj: Any, ctx: Context) -> Any:
+    """Rank 0's ``obj`` on every rank; ``obj`` itself without a process group."""
+    if not (ctx.distributed and dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 @contextmanager
 def main_rank_first(ctx: Context) -> Iterator[None]:
     """Run the body on rank 0 first, then on the other ranks.
 
     For work whose result every rank then reads from disk: fetching and converting weights into
-    the cache, creating an output folder. Without it every rank would download into the same
-    partial file. A single process just runs the body.
+    the cache (:func:`verydeep.hub.loader.load`, which every job calls inside this), creating an
+    output folder. The other ranks then find the verified cache entry and download nothing; the
+    cache's own lock keeps it so for processes of separate jobs too. A single process just runs
+    the body.
     """
     if not ctx.is_main:
         barrier(ctx)
@@ -101,6 +113,23 @@ def main_rank_first(ctx: Context) -> Iterator[None]:
     finally:
         if ctx.is_main:
             barrier(ctx)
+
+
+@contextmanager
+def held_by_main_rank(lock: Callable[[], AbstractContextManager[None]], ctx: Context) -> Iterator[None]:
+    """Rank 0 holds ``lock()`` for the body (a job's output lock: one lock per job, not per
+    rank); when rank 0 cannot take it, every rank raises rank 0's one-line error."""
+    with ExitStack() as stack:
+        refused = None
+        if ctx.is_main:
+            try:
+                stack.enter_context(lock())
+            except VerydeepError as e:
+                refused = str(e)
+        refused = broadcast_object(refused, ctx)
+        if refused is not None:
+            raise VerydeepError(refused)
+        yield
 
 
 def all_reduce_sum(t: torch.Tensor, ctx: Context) -> torch.Tensor:

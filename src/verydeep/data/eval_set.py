@@ -19,6 +19,7 @@ layout           files                                                        or
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from collections.abc import Sequence
@@ -28,7 +29,17 @@ from importlib import resources
 from pathlib import Path
 
 from verydeep.data.choices import LAYOUTS
-from verydeep.data.images import IMAGE_SUFFIXES, find_images, resolve_inputs
+from verydeep.data.images import (
+    IMAGE_SUFFIXES,
+    check_path_text,
+    find_images,
+    path_exists,
+    quoted,
+    read_lines,
+    read_text,
+    reason,
+    resolve_inputs,
+)
 from verydeep.errors import VerydeepError
 
 #: File names the devkit and Kaggle use; found next to the labels file when not given.
@@ -93,17 +104,17 @@ def read_synsets(path: str | os.PathLike) -> tuple[str, ...]:
     path = Path(path)
     if path.suffix.lower() == ".mat":
         return tuple(sorted(read_meta_mat(path).values()))
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as e:
-        raise VerydeepError(f"{path}: cannot read the class list ({e.strerror or e})") from None
-    wnids = [line.split()[0] for line in lines if line.strip() and not line.startswith("#")]
-    bad = [w for w in wnids if not _WNID.match(w)]
-    if bad:
-        raise VerydeepError(f"{path}: expected a WordNet id (n########) first on each line, found {bad[0]!r}")
-    if len(set(wnids)) != len(wnids):
-        raise VerydeepError(f"{path}: a wnid is listed twice")
-    return tuple(sorted(wnids))
+    first: dict[str, int] = {}
+    for n, line in read_lines(path, "class list"):
+        wnid = line.split()[0]
+        if not _WNID.match(wnid):
+            raise VerydeepError(f"{path}: line {n}: expected a WordNet id (n########) first, found {quoted(wnid)}")
+        if wnid in first:
+            raise VerydeepError(f"{path}: line {n}: wnid {wnid} is listed twice (first on line {first[wnid]})")
+        first[wnid] = n
+    if not first:
+        raise VerydeepError(f"{path}: no classes in the class list (expected 'n######## words' lines)")
+    return tuple(sorted(first))
 
 
 def read_meta_mat(path: str | os.PathLike) -> dict[int, str]:
@@ -114,18 +125,25 @@ def read_meta_mat(path: str | os.PathLike) -> dict[int, str]:
         raise VerydeepError(f"{path}: reading the devkit's meta.mat needs scipy (pip install scipy)") from None
     try:
         synsets = loadmat(str(path), squeeze_me=True)["synsets"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise VerydeepError(f"{path}: not the devkit's meta.mat with a 'synsets' struct ({e})") from None
-    names = synsets.dtype.names or ()
+        names = synsets.dtype.names or ()
+    except FileNotFoundError:
+        raise VerydeepError(f"{path}: no such file (the devkit's meta.mat)") from None
+    except Exception as e:
+        # scipy's MAT reader meets arbitrary bytes with MatReadError, struct.error, OSError,
+        # ValueError, NotImplementedError (v7.3 files), ...: each means this is not meta.mat.
+        raise VerydeepError(f"{path}: not the devkit's meta.mat with a 'synsets' struct ({reason(e)})") from None
     missing = {"ILSVRC2012_ID", "WNID", "num_children"} - set(names)
     if missing:
         raise VerydeepError(f"{path}: synsets lack the field(s) {', '.join(sorted(missing))}")
     import numpy as np
 
-    ids = np.atleast_1d(synsets["ILSVRC2012_ID"])
-    wnids = np.atleast_1d(synsets["WNID"])
-    children = np.atleast_1d(synsets["num_children"])
-    return {int(i): str(w) for i, w, c in zip(ids, wnids, children) if int(c) == 0}
+    try:
+        ids = np.atleast_1d(synsets["ILSVRC2012_ID"])
+        wnids = np.atleast_1d(synsets["WNID"])
+        children = np.atleast_1d(synsets["num_children"])
+        return {int(i): str(w) for i, w, c in zip(ids, wnids, children) if int(c) == 0}
+    except (TypeError, ValueError, OverflowError) as e:
+        raise VerydeepError(f"{path}: synsets: expected integer IDs and child counts ({reason(e)})") from None
 
 
 def _index_of(wnids: Sequence[str]) -> dict[str, int]:
@@ -173,11 +191,16 @@ def read_caffe_list(
     relative to ``root``."""
     list_file, root = Path(list_file), Path(root)
     names, labels = [], []
-    for n, line in enumerate(_read_lines(list_file), start=1):
+    first: dict[str, int] = {}
+    for n, line in read_lines(list_file, "labels file"):
         parts = line.rsplit(None, 1)
         if len(parts) != 2 or not _is_int(parts[1]):
-            raise VerydeepError(f"{list_file}: line {n}: expected 'IMAGE LABEL', found {line!r}")
-        names.append(parts[0])
+            raise VerydeepError(f"{list_file}: line {n}: expected 'IMAGE LABEL', found {quoted(line)}")
+        name = check_path_text(parts[0], list_file, n)
+        if name in first:
+            raise VerydeepError(f"{list_file}: line {n}: {name} is listed twice (first on line {first[name]})")
+        first[name] = n
+        names.append(name)
         labels.append(int(parts[1]))
     if not names:
         raise VerydeepError(f"{list_file}: no 'IMAGE LABEL' lines")
@@ -198,14 +221,17 @@ def read_devkit(
     id_to_wnid = read_meta_mat(meta)
     index = _index_of(list(id_to_wnid.values()))
     labels, names = [], []
-    for n, line in enumerate(_read_lines(ground_truth), start=1):
+    # Image i is the i-th ID in the file: blank and comment lines take no image number.
+    for i, (n, line) in enumerate(read_lines(ground_truth, "ground-truth file"), start=1):
         if not _is_int(line):
-            raise VerydeepError(f"{ground_truth}: line {n}: expected an ILSVRC2012_ID, found {line!r}")
+            raise VerydeepError(f"{ground_truth}: line {n}: expected an ILSVRC2012_ID, found {quoted(line)}")
         ilsvrc_id = int(line)
         if ilsvrc_id not in id_to_wnid:
             raise VerydeepError(f"{ground_truth}: line {n}: ILSVRC2012_ID {ilsvrc_id} is not a leaf synset of {meta}")
         labels.append(index[id_to_wnid[ilsvrc_id]])
-        names.append(DEVKIT_IMAGE.format(n))
+        names.append(DEVKIT_IMAGE.format(i))
+    if not names:
+        raise VerydeepError(f"{ground_truth}: no ILSVRC2012_ID lines")
     paths = tuple(root / name for name in names)
     return EvalSet(root, paths, tuple(names), tuple(labels), tuple(sorted(index)), "devkit")
 
@@ -222,23 +248,35 @@ def read_kaggle(
             f"{mapping}: no such file; Kaggle's solution file needs LOC_synset_mapping.txt (--synsets PATH)"
         )
     index = _index_of(read_synsets(mapping))
+    reader = csv.reader(io.StringIO(read_text(solution, "Kaggle solution file"), newline=""))
     rows: dict[str, int] = {}
+    first: dict[str, int] = {}
     try:
-        with solution.open(newline="") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
-                raise VerydeepError(f"{solution}: expected the header 'ImageId,PredictionString', found {header}")
-            for n, row in enumerate(reader, start=2):
-                if not row:
-                    continue
-                tokens = row[1].split() if len(row) > 1 else []
-                if not tokens or tokens[0] not in index:
-                    found = tokens[0] if tokens else "nothing"
-                    raise VerydeepError(f"{solution}: line {n}: expected a wnid of {mapping.name}, found {found!r}")
-                rows[row[0].strip()] = index[tokens[0]]
-    except OSError as e:
-        raise VerydeepError(f"{solution}: cannot read ({e.strerror or e})") from None
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
+            found = "nothing" if header is None else quoted(",".join(header))
+            raise VerydeepError(f"{solution}: line 1: expected the header 'ImageId,PredictionString', found {found}")
+        for row in reader:
+            n = reader.line_num
+            if not row or not any(field.strip() for field in row):
+                continue
+            tokens = row[1].split() if len(row) > 1 else []
+            if not tokens or tokens[0] not in index:
+                found = quoted(tokens[0]) if tokens else "nothing"
+                raise VerydeepError(f"{solution}: line {n}: expected a wnid of {mapping.name}, found {found}")
+            image_id = check_path_text(row[0].strip(), solution, n)
+            if not image_id:
+                raise VerydeepError(f"{solution}: line {n}: expected an ImageId, found nothing")
+            if image_id in first:
+                raise VerydeepError(
+                    f"{solution}: line {n}: {image_id} is listed twice (first on line {first[image_id]})"
+                )
+            first[image_id] = n
+            rows[image_id] = index[tokens[0]]
+    except csv.Error as e:  # a field beyond csv.field_size_limit(), a quote left open, ...
+        raise VerydeepError(f"{solution}: line {reader.line_num}: not a CSV row ({e})") from None
+    if not rows:
+        raise VerydeepError(f"{solution}: no rows after the header 'ImageId,PredictionString'")
     image_ids = sorted(rows)
     names = tuple(i + KAGGLE_SUFFIX for i in image_ids)
     paths = tuple(root / name for name in names)
@@ -264,17 +302,18 @@ def detect_layout(data: str | os.PathLike, labels: str | os.PathLike | None = No
             raise VerydeepError(f"{labels}: no such labels file")
         if labels.suffix.lower() == ".csv":
             return "kaggle"
-        lines = _read_lines(labels)
+        lines = read_lines(labels, "labels file")
         if not lines:
             raise VerydeepError(f"{labels}: empty labels file")
-        parts = lines[0].split()
+        n, line = lines[0]
+        parts = line.split()
         if len(parts) == 1 and _is_int(parts[0]):
             return "devkit"
         if len(parts) >= 2 and _is_int(parts[-1]):
             return "caffe"
         raise VerydeepError(
-            f"{labels}: unknown labels format; expected 'IMAGE LABEL' lines (Caffe), one ILSVRC2012_ID "
-            f"per line (devkit), or LOC_val_solution.csv (Kaggle), found {lines[0]!r}"
+            f"{labels}: line {n}: unknown labels format; expected 'IMAGE LABEL' lines (Caffe), one ILSVRC2012_ID "
+            f"per line (devkit), or LOC_val_solution.csv (Kaggle), found {quoted(line)}"
         )
     path = Path(data)
     if path.is_dir():
@@ -322,7 +361,9 @@ def open_eval_set(
     else:
         ds = read_kaggle(labels, root, synsets)
     ds = ds.spread(limit)
-    if not any(p.exists() for p in ds.paths[:1000]):
+    if not len(ds):
+        raise VerydeepError(f"{labels if labels is not None else root}: no images in the {layout} layout")
+    if not any(path_exists(p) for p in ds.paths[:1000]):
         raise VerydeepError(
             f"{root}: none of the images the {layout} layout names is there (e.g. {ds.paths[0]}); "
             "is DATA the folder that holds them?"
@@ -361,16 +402,9 @@ def check_labels(ds: EvalSet, num_classes: int) -> None:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def _read_lines(path: Path) -> list[str]:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise VerydeepError(f"{path}: cannot read ({e.strerror or e})") from None
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-
-
 def _is_int(text: str) -> bool:
-    return bool(re.fullmatch(r"[+-]?\d+", text.strip()))
+    # At most 18 digits: class indices and IDs are small, and Python refuses to parse 4,300+.
+    return bool(re.fullmatch(r"[+-]?\d{1,18}", text.strip()))
 
 
 def _relative(path: Path, root: Path) -> str:

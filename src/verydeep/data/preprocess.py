@@ -7,12 +7,14 @@ RGB/BGR mistakes users of the Caffe model hit cannot happen elsewhere.
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import TypeAlias
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from verydeep.configs import CROP, MEAN_BGR
 from verydeep.data.choices import INTERPOLATION_MODES
@@ -24,21 +26,102 @@ RESIZE = 256
 ImageLike: TypeAlias = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 
 
+#: The most pixels (width x height) an image file may have. The nets see every image rescaled
+#: so its shorter side is S or Q, at most 512 in the paper (training S_max, the largest test
+#: scale), so detail beyond a few megapixels is thrown away; 2**26 (8192 x 8192) still takes
+#: every camera photo up to 61 MP whole, and bounds a decode at 256 MB (Pillow keeps 4 bytes a
+#: pixel) where a 69-byte PNG can claim 1 x 100,000,000. Checked from the header, before any
+#: pixel is decoded.
+MAX_PIXELS = 2**26
+#: The most an image's longer side may exceed its shorter side: rescaled to S or Q = 512, a
+#: 32:1 panorama is 512 x 16,384 (~100 MB as float32); a 1 x 30,000,000 strip within
+#: :data:`MAX_PIXELS` would be 512 x 15 billion.
+MAX_ASPECT = 32
+#: The Pillow decoders verydeep opens (the formats of ``images.IMAGE_SUFFIXES``). Pillow would
+#: also try 40 others by content (EPS runs Ghostscript); none of them holds photos.
+FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+#: Pillow's messages are short; longer ones are cut so a report stays one readable line.
+_REASON_CHARS = 300
+
+
 def open_image(path: str | os.PathLike) -> Image.Image:
     """Decode an image file to an RGB PIL image, honouring EXIF orientation.
 
-    Raises :class:`ImageError` naming the file for anything Pillow cannot decode.
+    The one place files are decoded: the size is checked against :data:`MAX_PIXELS` and
+    :data:`MAX_ASPECT` from the header, and anything that goes wrong (truncated or
+    unidentified files, decompression bombs, a corrupt EXIF block, a decoder running out of
+    memory) is an :class:`ImageError` naming the file, which jobs skip and report.
     """
     try:
-        with Image.open(path) as im:
-            im.load()
-            return to_rgb(im)
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-        raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+        with warnings.catch_warnings():
+            # Pillow only warns between its two bomb limits; here a bomb is refused.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path, formats=FORMATS) as im:
+                check_size(im.size, path)
+                im.load()
+                check_size(im.size, path)  # a few decoders settle the size while loading
+                return _rgb(im)
+    except Exception as e:
+        raise unreadable(e, path) from None
+
+
+def check_size(size: tuple[int, int], path: str | os.PathLike) -> None:
+    """Raise :class:`ImageError` for an image size beyond :data:`MAX_PIXELS` or :data:`MAX_ASPECT`."""
+    width, height = size
+    where = os.fspath(path)
+    if width < 1 or height < 1:
+        raise ImageError(f"{where}: image of {width}x{height} pixels has no pixels")
+    if width * height > MAX_PIXELS:
+        raise ImageError(
+            f"{where}: image of {width}x{height} = {width * height:,} pixels; verydeep reads images of up to "
+            f"{MAX_PIXELS:,} pixels"
+        )
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ImageError(
+            f"{where}: image of {width}x{height} pixels; verydeep reads images whose longer side is at most "
+            f"{MAX_ASPECT} times the shorter"
+        )
+
+
+def unreadable(error: Exception, name: str | os.PathLike) -> ImageError:
+    """``error``, raised while decoding ``name``, as one :class:`ImageError` line naming ``name``.
+
+    Beside the documented OSError, ValueError and DecompressionBombError, Pillow's plugins raise
+    whatever their parsers hit on corrupt bytes (SyntaxError, struct.error, EOFError, IndexError,
+    KeyError, TypeError, ZeroDivisionError, MemoryError, ...); for a long run each one means the
+    same thing: this file cannot be decoded, skip it and report why.
+    """
+    where = os.fspath(name)
+    if isinstance(error, ImageError):
+        return error
+    if isinstance(error, UnidentifiedImageError):
+        return ImageError(f"{where}: not an image in a format verydeep reads ({', '.join(FORMATS)})")
+    if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        # Pillow checked the header's size before check_size could: report it the same way.
+        claimed = re.search(r"\((\d+) pixels\)", str(error))
+        pixels = f"{int(claimed[1]):,} pixels" if claimed else "more pixels than Pillow allows"
+        return ImageError(f"{where}: image of {pixels}; verydeep reads images of up to {MAX_PIXELS:,} pixels")
+    detail = " ".join(str(error).replace(where, "").split()).strip(" :'\"")
+    if len(detail) > _REASON_CHARS:
+        detail = detail[:_REASON_CHARS] + "..."
+    kind = type(error).__name__
+    return ImageError(
+        f"{where}: not a readable image ({kind}: {detail})" if detail else f"{where}: not a readable image ({kind})"
+    )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode (L, P, RGBA, CMYK, I;16, F, ...) -> 8-bit RGB, EXIF rotation applied."""
+    """Any Pillow mode (L, P, RGBA, CMYK, I;16, F, ...) -> 8-bit RGB, EXIF rotation applied.
+
+    Raises :class:`ImageError`, as :func:`open_image` does (a corrupt EXIF block included).
+    """
+    try:
+        return _rgb(image)
+    except Exception as e:
+        raise unreadable(e, getattr(image, "filename", "") or "image") from None
+
+
+def _rgb(image: Image.Image) -> Image.Image:
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(image, dtype=np.float64)
@@ -55,11 +138,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def to_uint8_chw(image: ImageLike) -> torch.Tensor:
     """One image (PIL, HxWx3 / HxW uint8 RGB array, 3xHxW uint8 tensor, or path) -> 3xHxW uint8 RGB."""
     if isinstance(image, (str, os.PathLike)):
-        image = open_image(image)
+        image = open_image(image)  # already RGB, rotated as its EXIF says
+    elif isinstance(image, Image.Image):
+        image = to_rgb(image)
     if isinstance(image, Image.Image):
         from torchvision.transforms.v2 import functional as TF
 
-        return TF.pil_to_tensor(to_rgb(image))
+        return TF.pil_to_tensor(image)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise ImageError(f"expected a uint8 RGB array, found dtype {image.dtype}")

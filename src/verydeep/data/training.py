@@ -85,7 +85,8 @@ class LabelledImages(Dataset):
         try:
             crop, shift = self.transform(to_uint8_chw(path), epoch, i)
             return i, Item(crop, shift, label)
-        except (ImageError, OSError, ValueError, RuntimeError) as e:
+        # Decoding raises ImageError only; the others come from the transform (a rescale out of memory).
+        except (ImageError, OSError, ValueError, RuntimeError, MemoryError) as e:
             return i, Failed(i, path, reason_of(e, path))
 
 

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import csv
 import json
+import lzma
+import math
 import os
+import struct
+import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from verydeep.core.atomic import atomic_path
+from verydeep.data.images import quoted, reason
 from verydeep.errors import VerydeepError
 
 SCORES_FORMAT = "verydeep-scores-1"
@@ -123,32 +129,227 @@ def save_scores(result: EvalResult, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+#: The arrays of a scores file: member -> (dtype kinds allowed, dimensions). ``probs`` is images x
+#: classes; ``labels`` and ``ids`` one per image; ``failed_*`` one per skipped image; ``meta`` JSON.
+MEMBERS: dict[str, tuple[str, int]] = {
+    "probs": ("f", 2),
+    "labels": ("iu", 1),
+    "ids": ("U", 1),
+    "failed_ids": ("U", 1),
+    "failed_paths": ("U", 1),
+    "failed_reasons": ("U", 1),
+    "meta": ("U", 0),
+}
+#: The most bytes a member may expand to per byte it takes in the file. save_scores stores
+#: (ratio 1); np.savez_compressed gets ~1.1 on soft-max rows and ~10-40 on padded id strings.
+#: Deflate itself reaches 1032, which turns a 3 MB file into 3 GB.
+MAX_RATIO = 100
+#: Small members (meta, an empty failure list) may expand beyond the ratio up to this many bytes.
+RATIO_FLOOR = 2**16
+#: The most bytes the arrays of one scores file may hold: ILSVRC-2012's 50,000 validation
+#: images x 1000 classes are 200 MB of float32; 8 GiB is its 1.28M training images, with room.
+MAX_SCORES_BYTES = 2**33
+#: The .npy header of a member (a dict literal of ~100 bytes); numpy's own default limit.
+MAX_HEADER_BYTES = 10_000
+#: Arrays are read in pieces of this many bytes.
+READ_CHUNK = 2**24
+
+
 def load_scores(path: str | os.PathLike) -> EvalResult:
-    """Read a scores file written by :func:`save_scores`."""
+    """Read a scores file written by :func:`save_scores`.
+
+    The zip directory and each array's .npy header are checked before any array is read:
+    what they declare must fit the file (no member expands more than :data:`MAX_RATIO`-fold, no
+    two share bytes), agree with ``probs``' images x classes, and stay under
+    :data:`MAX_SCORES_BYTES`; object arrays (pickles) are refused. A bad file is one
+    :class:`VerydeepError` line naming it.
+    """
     path = Path(path)
+    z = _read_npz(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            labels = z["labels"].astype(np.int64)
-            failed = [
-                {"id": str(i), "path": str(p), "reason": str(r)}
-                for i, p, r in zip(z["failed_ids"], z["failed_paths"], z["failed_reasons"])
-            ]
-            result = EvalResult(
-                protocol=meta["protocol"],
-                ids=[str(i) for i in z["ids"]],
-                probs=z["probs"].astype(np.float32),
-                labels=None if labels.size and (labels < 0).all() else labels,
-                failed=failed,
-                run=meta.get("run", {}),
-            )
+        meta = json.loads(str(z["meta"]))
+    except (ValueError, RecursionError) as e:
+        raise VerydeepError(f"{path}: not a verydeep scores file (meta is not JSON: {e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != SCORES_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise VerydeepError(f"{path}: expected format {SCORES_FORMAT}, found {quoted(found)}")
+    for key in ("protocol", "run"):
+        if not isinstance(meta.get(key, {}), dict):
+            raise VerydeepError(f"{path}: meta {key}: expected a JSON object, found {quoted(meta[key])}")
+    if "protocol" not in meta:
+        raise VerydeepError(f"{path}: meta has no protocol")
+    probs, labels = z["probs"], z["labels"].astype(np.int64)
+    classes = probs.shape[1]
+    if not np.isfinite(probs).all():
+        raise VerydeepError(f"{path}: probs: {int((~np.isfinite(probs)).sum())} values are not finite")
+    outside = (labels < -1) | (labels >= classes)
+    if outside.any():
+        raise VerydeepError(
+            f"{path}: labels: {int(labels[outside][0])} is not a class index of {classes} classes (or -1: unlabeled)"
+        )
+    ids = [str(i) for i in z["ids"]]
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        twice = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
+        raise VerydeepError(f"{path}: ids: image {twice!r} is listed twice")
+    return EvalResult(
+        protocol=meta["protocol"],
+        ids=ids,
+        probs=probs.astype(np.float32, copy=False),
+        labels=None if labels.size and (labels < 0).all() else labels,
+        failed=[
+            {"id": str(i), "path": str(p), "reason": str(r)}
+            for i, p, r in zip(z["failed_ids"], z["failed_paths"], z["failed_reasons"])
+        ],
+        run=meta.get("run", {}),
+    )
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of :data:`MEMBERS` from the .npz at ``path``, every declared size checked first."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(512)
     except FileNotFoundError:
         raise VerydeepError(f"{path}: no such scores file") from None
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-        raise VerydeepError(f"{path}: not a verydeep scores file ({type(e).__name__}: {e})") from None
-    if meta.get("format") != SCORES_FORMAT:
-        raise VerydeepError(f"{path}: expected format {SCORES_FORMAT}, found {meta.get('format')!r}")
-    return result
+    except IsADirectoryError:
+        raise VerydeepError(f"{path}: is a folder, expected an .npz scores file") from None
+    except (OSError, ValueError) as e:
+        raise VerydeepError(f"{path}: cannot read the scores file ({getattr(e, 'strerror', None) or e})") from None
+    if not head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+        raise VerydeepError(f"{path}: not an .npz score file (found {_kind_of(head)})")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = {info.filename: info for info in zf.infolist()}
+            missing = [name for name in MEMBERS if f"{name}.npy" not in infos]
+            if missing:
+                raise VerydeepError(f"{path}: not a verydeep scores file (no {', '.join(missing)} array)")
+            members = {name: infos[f"{name}.npy"] for name in MEMBERS}
+            _check_directory(path, size, members)
+            headers = {name: _header(zf, info, path, name) for name, info in members.items()}
+            _check_headers(path, headers)
+            return {name: _array(zf, members[name], headers[name], path, name) for name in MEMBERS}
+    except VerydeepError:
+        raise
+    except _UNREADABLE as e:
+        raise VerydeepError(f"{path}: not a verydeep scores file ({reason(e)})") from None
+
+
+#: What zipfile, its decompressors and numpy's header parser raise on damaged bytes: a bad
+#: directory or CRC, an encrypted or unsupported member, a broken deflate/bzip2/LZMA stream, a
+#: header numpy rejects, a number too large for a struct field.
+_UNREADABLE = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    zlib.error,
+    lzma.LZMAError,
+    struct.error,
+    OSError,
+    EOFError,
+    ValueError,
+    OverflowError,
+    RuntimeError,
+    NotImplementedError,
+)
+
+
+def _kind_of(head: bytes) -> str:
+    """What the first bytes of a file that is not a zip look like, for the error message."""
+    if not head:
+        return "an empty file"
+    if head.startswith(b"\x93NUMPY"):
+        return "a single .npy array"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickled data"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:  # a multi-byte character cut at 512 bytes is still text
+        text = head[: e.start].decode("utf-8") if e.start >= len(head) - 3 else ""
+    if text and all(c.isprintable() or c in "\t\r\n" for c in text):
+        return "text"
+    return "binary data"
+
+
+def _check_directory(path: Path, size: int, members: dict[str, zipfile.ZipInfo]) -> None:
+    """What the zip directory declares must fit the file: no member expands beyond
+    :data:`MAX_RATIO`, no two share compressed bytes, the whole stays under :data:`MAX_SCORES_BYTES`."""
+    spans = sorted(
+        (info.header_offset, info.header_offset + info.compress_size, name) for name, info in members.items()
+    )
+    for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
+        if start < end:
+            raise VerydeepError(f"{path}: not a verydeep scores file (members {name} and {other} overlap)")
+    for name, info in members.items():
+        if info.compress_size > size:
+            raise VerydeepError(
+                f"{path}: {name}: the zip directory claims {info.compress_size:,} bytes in a file of {size:,}"
+            )
+        if info.file_size > max(MAX_RATIO * info.compress_size, RATIO_FLOOR):
+            raise VerydeepError(
+                f"{path}: {name}: {info.compress_size:,} compressed bytes claim to expand to {info.file_size:,} "
+                f"(more than {MAX_RATIO}x: a decompression bomb, not scores)"
+            )
+    total = sum(info.file_size for info in members.values())
+    if total > MAX_SCORES_BYTES:
+        raise VerydeepError(f"{path}: holds {total:,} bytes of arrays; scores files are at most {MAX_SCORES_BYTES:,}")
+
+
+def _header(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, name: str
+) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) from a member's .npy header, checked against the member's size."""
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f, max_header_size=MAX_HEADER_BYTES)
+        offset = f.tell()
+    kinds, ndim = MEMBERS[name]
+    if dtype.hasobject:
+        raise VerydeepError(f"{path}: {name}: holds Python objects (pickled data), which scores files never do")
+    if dtype.kind not in kinds or len(shape) != ndim or dtype.subdtype is not None:
+        raise VerydeepError(
+            f"{path}: {name}: expected a {ndim}-d array of kind {kinds!r}, found shape {shape} dtype {dtype}"
+        )
+    nbytes = math.prod(shape) * dtype.itemsize
+    if offset + nbytes != info.file_size:
+        raise VerydeepError(
+            f"{path}: {name}: the header declares {shape} {dtype} ({nbytes:,} bytes), the member holds "
+            f"{max(info.file_size - offset, 0):,}"
+        )
+    return shape, fortran, dtype
+
+
+def _check_headers(path: Path, headers: dict[str, tuple]) -> None:
+    """One row of labels and ids per row of probs; as many failed ids as paths and reasons."""
+    images = headers["probs"][0][0]
+    for name in ("labels", "ids"):
+        if headers[name][0] != (images,):
+            raise VerydeepError(
+                f"{path}: {name}: expected {images} entries (one per row of probs), found {headers[name][0]}"
+            )
+    failed = {headers[name][0] for name in ("failed_ids", "failed_paths", "failed_reasons")}
+    if len(failed) != 1:
+        raise VerydeepError(f"{path}: failed_ids, failed_paths and failed_reasons differ in length: {sorted(failed)}")
+
+
+def _array(zf: zipfile.ZipFile, info: zipfile.ZipInfo, header: tuple, path: Path, name: str) -> np.ndarray:
+    """A member's data, read up to exactly the size its (checked) header declares."""
+    shape, fortran, dtype = header
+    nbytes = math.prod(shape) * dtype.itemsize
+    array = np.empty(shape, dtype=dtype, order="F" if fortran else "C")
+    raw = array.reshape(-1, order="A").view(np.uint8)
+    done = 0
+    with zf.open(info) as f:
+        f.seek(info.file_size - nbytes)  # past the header (numpy pads it to 64 bytes)
+        while done < nbytes:  # in pieces, so a read never holds a second copy of a large array
+            piece = f.read(min(READ_CHUNK, nbytes - done))
+            if not piece:
+                raise VerydeepError(f"{path}: {name}: {done:,} bytes of {nbytes:,} (the file is cut short)")
+            raw[done : done + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+            done += len(piece)
+        f.read(1)  # reach the end, where zipfile checks the CRC
+    return array
 
 
 def combine(paths: Sequence[str | os.PathLike]) -> EvalResult:

@@ -10,10 +10,14 @@ and rescaled in DataLoader workers; crops and the BGR/mean conversion happen on 
 :func:`evaluate` is three steps, each its own function: the run's state and stored chunks
 (:func:`run_state`, :func:`read_chunks`), the loop over this rank's missing chunks
 (:func:`score_chunks`), and the merge of every rank's chunks into one result (:func:`merge_chunks`).
+A run with ``scores`` holds ``<scores>.lock`` throughout (:func:`verydeep.core.store.output_lock`):
+a second run on the same scores file refuses at once. Stored chunks are checked to be this
+run's (every image a row or a failure) before they are used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from verydeep.core import distributed
 from verydeep.core.defaults import default_workers
-from verydeep.core.store import ChunkStore, check_same_run, model_fingerprint
+from verydeep.core.store import ChunkStore, check_same_run, model_fingerprint, output_lock
 from verydeep.data.eval_set import EvalSet, check_labels, fit_classes
 from verydeep.data.images import Failed, ImageDataset, collate_skipping, failed_from_json, failed_to_json
 from verydeep.errors import VerydeepError
@@ -42,6 +46,8 @@ from verydeep.evaluate.scoring import Forward, RescaleToScales, Scorer, forwards
 EXIT_AFTER_ENV = "VERYDEEP_EVALUATE_EXIT_AFTER"
 #: Keys of the run state that a resumed run may change: they do not change its numbers.
 RECORDED_ONLY = ("device_type",)
+#: The run state's keys as users know them (the flags that set them; see check_same_run).
+OPTIONS = {"batch_size": "--batch-size", "max_batch": "--max-batch", "precision": "--precision"}
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,13 @@ def run_state(
 def parts_store(scores: str | os.PathLike[str]) -> ChunkStore:
     """Where a run writing ``scores`` keeps its partial results: ``<scores>.parts/``."""
     scores = Path(scores)
-    return ChunkStore(scores.with_name(scores.name + ".parts"), manifest="state.json", prefix="chunks")
+    return ChunkStore(
+        scores.with_name(scores.name + ".parts"),
+        manifest="state.json",
+        prefix="chunks",
+        name=str(scores),
+        options=OPTIONS,
+    )
 
 
 def write_chunks(store: ChunkStore, results: Sequence[ChunkResult]) -> None:
@@ -103,12 +115,35 @@ def write_chunks(store: ChunkStore, results: Sequence[ChunkResult]) -> None:
         )
 
 
-def read_chunks(store: ChunkStore, wanted: set[int]) -> dict[int, ChunkResult]:
-    """The stored chunks among ``wanted``."""
+def read_chunks(
+    store: ChunkStore, wanted: set[int], chunks: Sequence[Sequence[int]], num_classes: int = 0
+) -> dict[int, ChunkResult]:
+    """The stored chunks among ``wanted``, each checked to be what this run writes for its
+    images ``chunks[c]``: every image a row (``num_classes`` finite probabilities, when known)
+    or a failure."""
     out = {}
     for c in sorted(wanted & store.done()):
         z = store.read(c, ("indices", "probs", "failed"))
-        out[c] = ChunkResult(c, z["indices"], z["probs"], tuple(failed_from_json(str(z["failed"]))))
+        indices, probs = z["indices"], z["probs"]
+        try:
+            failed = tuple(failed_from_json(str(z["failed"])))
+        except (ValueError, TypeError, RecursionError) as e:
+            raise store.refuse(c, f"its list of unreadable images is not JSON records ({type(e).__name__})") from None
+        if indices.ndim != 1 or indices.dtype.kind not in "iu":
+            raise store.refuse(c, f"its index is {indices.dtype} of shape {indices.shape}, not image numbers")
+        if sorted([*indices.tolist(), *(f.index for f in failed)]) != list(chunks[c]):
+            raise store.refuse(c, f"its rows and failures are not images {chunks[c][0]}..{chunks[c][-1]}")
+        width = probs.shape[-1] if probs.ndim == 2 else -1
+        if len(indices) and (
+            probs.dtype.kind != "f"
+            or probs.shape != (len(indices), width)
+            or (num_classes and width != num_classes)
+            or not np.isfinite(probs).all()
+        ):
+            raise store.refuse(
+                c, f"its probabilities are {probs.dtype} of shape {probs.shape}, not one finite row per image"
+            )
+        out[c] = ChunkResult(c, indices, probs, failed)
     return out
 
 
@@ -223,8 +258,11 @@ def evaluate(
     progress: bool = True,
     ctx: distributed.Context | None = None,
     run_info: dict[str, Any] | None = None,
+    calibration: torch.Tensor | None = None,
 ) -> EvalResult | None:
     """Evaluate ``model`` on ``data`` under ``protocol``; see the module docstring.
+
+    ``precision="int8"`` needs ``calibration`` (Caffe-space images, see ``model.optimized``).
 
     ``scores``: write per-image soft-max outputs there (.npz), flushing partial results to
     ``<scores>.parts/`` every ``checkpoint_every`` seconds so ``resume=True`` can continue a
@@ -251,48 +289,51 @@ def evaluate(
     state = run_state(
         model, data, protocol, batch_size=batch_size, max_batch=max_batch, precision=precision, device=device
     )
-    store = parts_store(scores) if scores is not None else None
-    done: dict[int, ChunkResult] = {}
-    if store is not None and scores is not None:
-        if Path(scores).exists() and not store.exists() and not overwrite:  # a finished run
-            if not resume:
-                raise VerydeepError(
-                    f"{scores}: exists (a finished run); pass --resume to report it, or --overwrite to recompute it"
-                )
-            distributed.barrier(ctx)
-            return _finished(Path(scores), state, ctx)
-        store.begin(state, resume=resume, overwrite=overwrite, ctx=ctx, adopt=RECORDED_ONLY)
-        done = read_chunks(store, set(mine))
+    # One run per scores file: a second run on it refuses at once (its parts are this run's).
+    with output_lock(scores, ctx) if scores is not None else contextlib.nullcontext():
+        store = parts_store(scores) if scores is not None else None
+        done: dict[int, ChunkResult] = {}
+        if store is not None and scores is not None:
+            if Path(scores).exists() and not store.exists() and not overwrite:  # a finished run
+                if not resume:
+                    raise VerydeepError(
+                        f"{scores}: exists (a finished run); pass --resume to report it, or --overwrite to recompute it"
+                    )
+                distributed.barrier(ctx)
+                return _finished(Path(scores), state, ctx)
+            store.begin(state, resume=resume, overwrite=overwrite, ctx=ctx, adopt=RECORDED_ONLY)
+            done = read_chunks(store, set(mine), chunks, num_classes)
 
-    model = model.to(device).eval()
-    fwd, dense_fwd = forwards(
-        model, protocol, precision=precision, forward=forward, dense_forward=dense_forward, device=device
-    )
-    fresh, computed = score_chunks(
-        Scorer(protocol, fwd, dense_fwd, device, max_batch=max_batch),
-        data,
-        [(c, chunks[c]) for c in mine if c not in done],
-        store=store,
-        workers=default_workers(workers),
-        checkpoint_every=checkpoint_every,
-        progress=progress and ctx.is_main,
-    )
+        model = model.to(device).eval()
+        fwd, dense_fwd = forwards(
+            model, protocol, precision=precision, forward=forward, dense_forward=dense_forward, device=device,
+            calibration=calibration,
+        )  # fmt: skip
+        fresh, computed = score_chunks(
+            Scorer(protocol, fwd, dense_fwd, device, max_batch=max_batch),
+            data,
+            [(c, chunks[c]) for c in mine if c not in done],
+            store=store,
+            workers=default_workers(workers),
+            checkpoint_every=checkpoint_every,
+            progress=progress and ctx.is_main,
+        )
 
-    gathered = distributed.gather_objects(([done[c] for c in mine if c in done] + fresh, computed), ctx)
-    if gathered is None:  # not rank 0
-        return None
-    run = {**(run_info or {}), "layout": data.layout, "root": str(data.root), "set_images": len(data)}
-    run.setdefault("precision", precision)  # the caller's report of what was computed wins
-    run.update(protocol_text=protocol.describe(), state=state)
-    result = merge_chunks(
-        [r for results, _ in gathered for r in results], chunks, data, protocol, num_classes=num_classes, run=run
-    )
-    result.wall_s = time.perf_counter() - started
-    result.computed = sum(n for _, n in gathered)
-    if store is not None and scores is not None:
-        save_scores(result, scores)
-        store.remove()
-    return result
+        gathered = distributed.gather_objects(([done[c] for c in mine if c in done] + fresh, computed), ctx)
+        if gathered is None:  # not rank 0
+            return None
+        run = {**(run_info or {}), "layout": data.layout, "root": str(data.root), "set_images": len(data)}
+        run.setdefault("precision", precision)  # the caller's report of what was computed wins
+        run.update(protocol_text=protocol.describe(), state=state)
+        result = merge_chunks(
+            [r for results, _ in gathered for r in results], chunks, data, protocol, num_classes=num_classes, run=run
+        )
+        result.wall_s = time.perf_counter() - started
+        result.computed = sum(n for _, n in gathered)
+        if store is not None and scores is not None:
+            save_scores(result, scores)
+            store.remove()
+        return result
 
 
 # -- merging ---------------------------------------------------------------------------------------------
@@ -339,7 +380,9 @@ def _finished(path: Path, state: dict[str, Any], ctx: distributed.Context) -> Ev
     saved = result.run.get("state")
     if not isinstance(saved, dict):
         raise VerydeepError(f"{path}: holds no record of the run that wrote it; pass --overwrite to recompute it")
-    check_same_run(saved, state, where=str(path), adopt=RECORDED_ONLY, remedy="pass --overwrite to recompute it")
+    check_same_run(
+        saved, state, where=str(path), adopt=RECORDED_ONLY, remedy="pass --overwrite to recompute it", options=OPTIONS
+    )
     return result
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from verydeep.configs import CROP
-from verydeep.core.defaults import PRECISIONS, dtype_of
+from verydeep.core.defaults import INFERENCE_PRECISIONS, QUANTIZED, dtype_of
 from verydeep.data.preprocess import rescale, to_caffe
 from verydeep.errors import VerydeepError
 from verydeep.evaluate.protocols import Protocol, crop_boxes
@@ -168,14 +168,16 @@ def forwards(
     forward: Forward | None = None,
     dense_forward: Forward | None = None,
     device: str | torch.device = "cpu",
+    calibration: torch.Tensor | None = None,
 ) -> tuple[Forward | None, Forward | None]:
     """The classic and dense callables for ``model`` at ``precision``.
 
     fp32 uses the model as is. Otherwise ``model.optimized(precision)`` (:mod:`verydeep.runtime`) when it
-    exists, else autocast. Callers may pass their own ``forward``/``dense_forward``.
+    exists, else autocast (not for int8, which only the fast path computes; it is calibrated on
+    ``calibration``). Callers may pass their own ``forward``/``dense_forward``.
     """
-    if precision not in PRECISIONS:
-        raise VerydeepError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision not in INFERENCE_PRECISIONS:
+        raise VerydeepError(f"unknown precision {precision!r}; expected one of {', '.join(INFERENCE_PRECISIONS)}")
     fast: Any = None
     optimized = getattr(model, "optimized", None)
     if (
@@ -184,9 +186,11 @@ def forwards(
         and (forward is None or (dense_forward is None and protocol.uses_dense))
     ):
         try:
-            fast = optimized(precision=precision)
+            fast = optimized(precision=precision, calibration=calibration)
         except (ImportError, AttributeError, NotImplementedError):
             fast = None
+    if precision in QUANTIZED and fast is None and (forward is None or dense_forward is None):
+        raise VerydeepError(f"--precision {precision} needs a Table 1 VGG's fast path; found a {type(model).__name__}")
     if forward is None and protocol.uses_crops:
         forward = fast if fast is not None else _autocast(model, precision, device)
     if dense_forward is None and protocol.uses_dense:

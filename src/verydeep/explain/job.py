@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from verydeep.configs import CROP
-from verydeep.core.atomic import atomic_path
+from verydeep.core.atomic import atomic_path, make_dirs
 from verydeep.data.images import Failed, ImageDataset, loader
 from verydeep.data.preprocess import RESIZE, center_crop, rescale, to_caffe
 from verydeep.errors import VerydeepError
@@ -179,8 +179,7 @@ def explain_files(
         options["fast"] = fast_dense(model, precision, device)
     options = {k: v for k, v in options.items() if k in OPTIONS.get(method, ())}
     run = METHODS[method]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dirs(out_dir)
     stems = _Names(method)
     items: list[Explained] = []
     panels: list[Panel] = []

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from verydeep.core.atomic import atomic_path, write_text
+from verydeep.core.store import check_npz
 from verydeep.errors import VerydeepError
 
 #: The rows, chunk by chunk in input order: given the layers to load, yields (image paths, {layer: rows}).
@@ -152,33 +153,78 @@ WRITERS: dict[str, Callable[[Path, Path, Features], list[str]]] = {
 def read_features(
     path: str | os.PathLike[str], layers: Sequence[str] | None = None
 ) -> tuple[list[str], dict[str, np.ndarray]]:
-    """(image paths, {layer: N x ... array}) from any file :func:`write_features` writes."""
+    """(image paths, {layer: N x ... array}) from any file :func:`write_features` writes.
+
+    A file that is not one (damaged, another program's, without a requested layer, with a path
+    per row missing) is one :class:`VerydeepError` line naming it."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        array = np.load(path)
-        listing = path.with_name(path.name + ".paths.txt")
-        names = listing.read_text().splitlines() if listing.exists() else []
-        return names, {(layers or ["features"])[0]: array}
-    if suffix == ".npz":
-        with np.load(path) as z:
-            keys = layers or [k for k in z.files if k != "path"]
-            return [str(p) for p in z["path"]], {k: z[k] for k in keys}
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise VerydeepError(f"{path}: unknown features file {path.suffix!r}; expected {', '.join(WRITERS)}")
+    try:
+        names, arrays = reader(path, layers)
+    except VerydeepError:
+        raise
+    except KeyError as e:
+        raise VerydeepError(f"{path}: holds no layer {e.args[0]!r}") from None
+    except Exception as e:  # numpy, zipfile, pyarrow and h5py each raise their own kinds
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise VerydeepError(f"{path}: not a features file verydeep wrote ({type(e).__name__}: {why})") from None
+    listed = bool(names) or path.suffix.lower() != ".npy"  # a .npy may travel without its OUT.paths.txt
+    for layer, array in arrays.items():
+        if not isinstance(array, np.ndarray):  # np.load gives the bytes of a member that is not .npy
+            raise VerydeepError(f"{path}: layer {layer} is not an array")
+        if array.ndim < 1 or (listed and len(array) != len(names)):
+            raise VerydeepError(
+                f"{path}: layer {layer} has {len(array) if array.ndim else 0} rows for {len(names)} paths"
+            )
+    return names, arrays
 
-        table = pq.read_table(path)
-        meta = json.loads(table.schema.metadata[b"verydeep"])
-        keys = layers or [n for n in table.column_names if n != "path"]
-        out = {}
-        for k in keys:
-            flat = table.column(k).combine_chunks().flatten().to_numpy()
-            out[k] = flat.reshape(table.num_rows, *meta["shapes"][k])
-        return table.column("path").to_pylist(), out
-    if suffix in (".h5", ".hdf5"):
-        import h5py
 
-        with h5py.File(path, "r") as f:
-            keys = layers or [k for k in f.keys() if k != "path"]
-            return [p.decode() if isinstance(p, bytes) else p for p in f["path"][:]], {k: f[k][:] for k in keys}
-    raise VerydeepError(f"{path}: unknown features file {suffix!r}")
+def _read_npy(path: Path, layers: Sequence[str] | None) -> tuple[list[str], dict[str, np.ndarray]]:
+    array = np.load(path, allow_pickle=False)
+    listing = path.with_name(path.name + ".paths.txt")
+    names = listing.read_text(encoding="utf-8").splitlines() if listing.exists() else []
+    return names, {(layers or ["features"])[0]: array}
+
+
+def _read_npz(path: Path, layers: Sequence[str] | None) -> tuple[list[str], dict[str, np.ndarray]]:
+    check_npz(path)
+    with np.load(path, allow_pickle=False) as z:
+        keys = layers or [k for k in z.files if k != "path"]
+        names = z["path"]
+        if not isinstance(names, np.ndarray) or names.ndim != 1 or names.dtype.kind != "U":
+            raise ValueError("its path member is not a list of image paths")
+        return [str(p) for p in names], {k: z[k] for k in keys}
+
+
+def _read_parquet(path: Path, layers: Sequence[str] | None) -> tuple[list[str], dict[str, np.ndarray]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[b"verydeep"])
+    keys = layers or [n for n in table.column_names if n != "path"]
+    out = {}
+    for k in keys:
+        flat = table.column(k).combine_chunks().flatten().to_numpy()
+        out[k] = flat.reshape(table.num_rows, *meta["shapes"][k])
+    return table.column("path").to_pylist(), out
+
+
+def _read_h5(path: Path, layers: Sequence[str] | None) -> tuple[list[str], dict[str, np.ndarray]]:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        keys = layers or [k for k in f.keys() if k != "path"]
+        names = [p.decode() if isinstance(p, bytes) else p for p in f["path"][:]]
+        return names, {k: f[k][:] for k in keys}
+
+
+#: Features file suffix -> its reader (path, layers or None for all) -> (paths, arrays).
+READERS: dict[str, Callable[[Path, Sequence[str] | None], tuple[list[str], dict[str, np.ndarray]]]] = {
+    ".npy": _read_npy,
+    ".npz": _read_npz,
+    ".parquet": _read_parquet,
+    ".h5": _read_h5,
+    ".hdf5": _read_h5,
+}

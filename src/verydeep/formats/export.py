@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from verydeep.core.atomic import make_dirs
 from verydeep.errors import VerydeepError
 from verydeep.formats.caffe.export import write_caffe
 from verydeep.formats.checks import ExportReport, ExportRequest, probe
@@ -78,7 +79,7 @@ def export(
     if precision == "int8" and calibration is None:
         raise VerydeepError("--precision int8 needs calibration images (--calibration DIR)")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out.parent, target=out)
     request = ExportRequest(
         model.eval(), out, space, dense=dense, opset=opset, exporter=exporter, precision=precision,
         calibration=calibration,

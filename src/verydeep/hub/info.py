@@ -1,61 +1,50 @@
-"""What ``verydeep info`` reports: layers, output shapes, parameters, FLOPs, file format."""
+"""What ``verydeep info`` reports: layers, output shapes, parameters, FLOPs, file format.
+
+Every figure comes from a :class:`~verydeep.formats.caffe.graph.CaffeGraph` built on the meta
+device: its shape inference gives each layer's output at the net's declared input (a Table 1
+VGG at 1x3x224x224) and its parameter shapes, so nothing is run and no parameter or activation is
+allocated, whatever size the file asks for (the graph's caps bound what it may declare).
+"""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
-from torch import nn
 
-from verydeep.configs import CROP, NetSpec
+from verydeep.configs import NetSpec
 from verydeep.errors import VerydeepError
-from verydeep.formats.caffe import CaffeGraph, read_caffemodel, read_prototxt, vgg_spec
+from verydeep.formats.caffe import CaffeGraph, read_caffemodel, read_prototxt, vgg_net, vgg_spec
 from verydeep.formats.safetensors import read_metadata
 from verydeep.hub.cache import cached_path, fetch
 from verydeep.hub.loader import load
 from verydeep.hub.registry import REGISTRY
-from verydeep.models.build import build_vgg
 
 PROTOTXT_SUFFIXES = (".prototxt", ".pbtxt", ".txt")
+#: URL schemes :func:`verydeep.hub.loader.load` downloads from.
+URL_SCHEMES = ("http", "https", "ftp")
+#: The paper's input: FLOPs at it are also reported as ``flops_224``, the figure Table 1 readers compare.
+PAPER_INPUT = (1, 3, 224, 224)
 
 
-def layer_table(model: nn.Module, size: int = CROP) -> tuple[list[dict[str, Any]], int]:
-    """Per-layer output shape and parameter count at a 1x3xsize x size input, and the FLOPs
-    (2 x multiply-adds of convolutions and inner products), measured with forward hooks."""
+def layer_table(graph: CaffeGraph) -> tuple[list[dict[str, Any]], int]:
+    """Per-layer Caffe type, output shape and parameter count at the graph's input shapes, and the
+    FLOPs (2 x multiply-adds of convolutions and inner products), from shapes alone."""
     rows: list[dict[str, Any]] = []
     flops = 0
-
-    def hook(name: str):
-        def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            nonlocal flops
-            if isinstance(module, nn.Conv2d):
-                flops += (
-                    2
-                    * output.numel()
-                    * module.in_channels
-                    // module.groups
-                    * module.kernel_size[0]
-                    * module.kernel_size[1]
-                )
-            elif isinstance(module, nn.Linear):
-                flops += 2 * module.in_features * module.out_features * output.shape[0]
-            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else ()
-            params = sum(p.numel() for p in module.parameters(recurse=False))
-            rows.append({"name": name, "type": type(module).__name__, "output": list(shape), "params": params})
-
-        return record
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_children() if not list(m.children())]
-    try:
-        device = next(model.parameters()).device
-        with torch.inference_mode():
-            model(torch.zeros(1, 3, size, size, device=device))
-    finally:
-        for h in handles:
-            h.remove()
+    for step in graph.steps:
+        module = getattr(graph, step.attr)
+        params = sum(p.numel() for p in module.parameters(recurse=False))
+        out = step.shapes[0]
+        weight = getattr(module, "weight", None)
+        if weight is not None:  # each output value takes one multiply-add per weight of its channel
+            flops += 2 * weight.numel() * (math.prod(out) // module.num_output)
+        rows.append({"name": step.name, "type": step.type, "output": list(out), "params": params})
     return rows, flops
 
 
@@ -64,39 +53,73 @@ def prototxt_version(text: str) -> str:
     return "V1" if re.search(r"^\s*layers\s*\{", text, re.M) else "V2"
 
 
+def _is_url(text: str) -> bool:
+    return urlsplit(text).scheme.lower() in URL_SCHEMES and "://" in text
+
+
+def _meta_graph(net: Any, source: str) -> CaffeGraph:
+    with torch.device("meta"):
+        return CaffeGraph(net, source=source)
+
+
+def _table1_graph(spec: NetSpec) -> CaffeGraph:
+    """The deploy net of a Table 1 VGG at the paper's input, as the graph every table is read from."""
+    return _meta_graph(vgg_net(spec.config, spec.width, spec.num_classes, lrn_k=spec.lrn_k), f"VGG {spec.config}")
+
+
+def _file_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".caffemodel":
+        return f"Caffe binary caffemodel ({read_caffemodel(path).version})"
+    if suffix == ".safetensors":
+        return "safetensors" + (" (verydeep)" if "config" in read_metadata(path) else "")
+    return suffix.lstrip(".") or "unknown"
+
+
 def summarize(source: str | os.PathLike[str], prototxt: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Describe a weights file, a deploy prototxt or a registry model."""
-    text = str(source)
-    path = Path(text)
-    info: dict[str, Any] = {"source": text}
-    if path.suffix.lower() in PROTOTXT_SUFFIXES:
-        if not path.exists():
-            raise VerydeepError(f"{path}: no such file")
-        net = read_prototxt(path)
-        info["format"] = f"Caffe deploy prototxt ({prototxt_version(path.read_text(errors='replace'))})"
+    """Describe a weights file or URL, a deploy prototxt or a registry model.
+
+    A prototxt is described at the input it declares (a Table 1 VGG's figures are also the
+    paper's when that is 1x3x224x224); any other source at 1x3x224x224 for a VGG, at its net's
+    declared input for another Caffe net.
+    """
+    text = os.fspath(source)
+    info: dict[str, Any] = {"source": text}  # as given: a URL must not pass through Path
+    spec: NetSpec | None = None
+    if _is_url(text):
+        suffix = Path(urlsplit(text).path).suffix.lower()
+        if suffix in PROTOTXT_SUFFIXES:
+            raise VerydeepError(f"{text}: verydeep reads a prototxt from a local file; download it first")
+        info["format"] = f"{suffix.lstrip('.') or 'unknown'} file from a URL"
+        model = load(text, prototxt)
+    elif Path(text).suffix.lower() in PROTOTXT_SUFFIXES:
+        net = read_prototxt(Path(text))  # a Path: a str holding "{" would be read as the text itself
+        info["format"] = f"Caffe deploy prototxt ({prototxt_version(Path(text).read_text(errors='replace'))})"
+        model = graph = _meta_graph(net, text)
         spec = vgg_spec(net)
-        model: nn.Module = build_vgg(spec) if spec else CaffeGraph(net, source=str(path))
-        if spec:
-            model = model.to_empty(device="cpu")
+        if spec is not None and sum(p.numel() for p in graph.parameters()) != spec.num_params():
+            spec = None  # a Table 1 layout at another input: fc6's size, so its parameters, differ
     elif text in REGISTRY and not cached_path(text).exists():  # the registry knows the net: no download
         entry = REGISTRY[text]
         info["format"] = f"registry entry {text} (weights not downloaded: {entry.filename}, {entry.size:,} bytes)"
-        model = build_vgg(NetSpec(entry.config, entry.num_classes)).to_empty(device="cpu")
+        spec = NetSpec(entry.config, entry.num_classes)
+        model = _table1_graph(spec)
     else:
-        if text in REGISTRY:
-            path = fetch(text)
-        if path.suffix.lower() == ".caffemodel":
-            info["format"] = f"Caffe binary caffemodel ({read_caffemodel(path).version})"
-        elif path.suffix.lower() == ".safetensors":
-            meta = read_metadata(path)
-            info["format"] = "safetensors" + (" (verydeep)" if "config" in meta else "")
-        else:
-            info["format"] = path.suffix.lstrip(".") or "unknown"
+        path = fetch(text) if text in REGISTRY else Path(text)
         model = load(path, prototxt)
-    if hasattr(model, "config"):
-        info.update(config=model.config, width=model.width, num_classes=model.num_classes)
-    rows, flops = layer_table(model)
+        info["format"] = _file_format(path)
+    if isinstance(model, CaffeGraph):
+        graph = model
+    else:  # a VGG: its Table 1 deploy net at the paper's input
+        spec = NetSpec(model.config, model.num_classes, model.width, model.lrn_k)
+        graph = _table1_graph(spec)
+    if spec is not None:
+        info.update(config=spec.config, width=spec.width, num_classes=spec.num_classes)
+    rows, flops = layer_table(graph)
+    info["inputs"] = {name: list(graph.blob_shapes[name]) for name in graph.inputs}
     info["layers"] = rows
     info["parameters"] = sum(p.numel() for p in model.parameters())
-    info["flops_224"] = flops
+    info["flops"] = flops
+    if [tuple(shape) for shape in info["inputs"].values()] == [PAPER_INPUT]:
+        info["flops_224"] = flops
     return info

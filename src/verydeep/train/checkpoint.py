@@ -1,4 +1,4 @@
-"""Checkpoints that survive SIGKILL: written through :func:`verydeep.core.atomic.atomic_path`,
+"""Checkpoints that survive SIGKILL: written through :func:`verydeep.core.atomic.atomic_file`,
 synced to disk before the rename, and the rename synced too.
 
 A reader sees either the previous set of checkpoints or the new one, never half a file; a kill
@@ -19,7 +19,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from verydeep.core.atomic import atomic_path
+from verydeep.core.atomic import atomic_file
 
 PATTERN = re.compile(r"^step-(\d{9})\.pt$")
 
@@ -41,8 +41,8 @@ def save(folder: str | os.PathLike[str], step: int, state: dict[str, Any], *, ke
     """Write ``state`` as the checkpoint of ``step`` atomically; delete all but the last ``keep``."""
     folder = Path(folder)
     target = path_for(folder, step)
-    with atomic_path(target, durable=True) as tmp:
-        torch.save(state, tmp)
+    with atomic_file(target, durable=True) as f:  # an OS error (disk full) is one line naming target
+        torch.save(state, f)
     for old in list_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
     return target

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import os
+import re
 import sys
 import types
 import typing
@@ -20,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from verydeep.configs import TABLE_1, canonical, layer_specs
 from verydeep.core.atomic import write_text
 from verydeep.core.defaults import PRECISIONS
+from verydeep.data.images import quoted, read_text
 from verydeep.errors import VerydeepError
 
 if sys.version_info >= (3, 11):
@@ -104,54 +108,19 @@ class TrainConfig:
         return (lo + hi) // 2
 
     def validate(self) -> TrainConfig:
-        """Raise :class:`VerydeepError` naming the option for values that cannot work."""
-        if not 1 <= len(self.scale) <= 2:
-            raise VerydeepError(f"scale: expected S or S_min S_max, found {self.scale}")
+        """Raise :class:`VerydeepError` naming the option for values that cannot work: each value
+        against :data:`SCHEMA`, then the relations between options."""
+        for name in FIELDS:
+            _coerce(name, getattr(self, name), "")
         lo, hi = self.scale_range
         if lo > hi:
             raise VerydeepError(f"scale: S_min {lo} is larger than S_max {hi}")
-        if not MIN_CROP <= self.crop <= CROP:
-            raise VerydeepError(
-                f"crop: {self.crop} cannot train the classic net: fc6 needs pool5 of 7x7, "
-                f"which crops of {MIN_CROP}..{CROP} give (the paper: {CROP})"
-            )
         if lo < self.crop or self.test_scale < self.crop:
             raise VerydeepError(
                 f"scale: S and Q must be at least the crop size {self.crop}, found S={lo} Q={self.test_scale}"
             )
-        positive = {
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "crop": self.crop,
-            "log_every": self.log_every,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise VerydeepError(f"{name}: expected a positive integer, found {value}")
-        if self.micro_batch is not None and self.micro_batch < 1:
-            raise VerydeepError(f"micro_batch: expected a positive integer, found {self.micro_batch}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise VerydeepError(f"dropout: expected 0 <= p < 1, found {self.dropout}")
-        if self.lr is not None and (self.lr <= 0 or not math.isfinite(self.lr)):
-            raise VerydeepError(f"lr: expected a positive number, found {self.lr}")
-        if self.warmup < 0 or not math.isfinite(self.warmup):
-            raise VerydeepError(f"warmup: expected a number of epochs >= 0, found {self.warmup}")
-        if self.clip_grad_norm is not None and not (self.clip_grad_norm > 0 and math.isfinite(self.clip_grad_norm)):
-            raise VerydeepError(f"clip_grad_norm: expected a positive number, found {self.clip_grad_norm}")
-        if self.plateau_patience < 1:
-            raise VerydeepError(f"plateau_patience: expected at least 1 epoch, found {self.plateau_patience}")
-        choices = {
-            "precision": tuple(PRECISIONS),
-            "channels_last": ("auto", "on", "off"),
-            "metrics_format": ("jsonl", "csv"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise VerydeepError(f"{name}: expected one of {', '.join(allowed)}, found {getattr(self, name)!r}")
         if self.weights is not None and self.init not in INIT_SCHEMES:
             raise VerydeepError("init: --init FROM builds a net from scratch; it cannot be combined with --weights")
-        if self.keep_checkpoints < 1:
-            raise VerydeepError(f"keep_checkpoints: expected at least 1, found {self.keep_checkpoints}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -197,7 +166,175 @@ CROP, MIN_CROP = 224, 193
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
+#: The largest training scale S and test scale Q: twice the paper's S_max of 512. The crop is
+#: 224, so larger rescales only cost memory (a 32:1 panorama at S = 1024 is 100 MB of pixels).
+MAX_SCALE = 1024
+#: The widest net ``width`` may ask for: 4x the paper's channels is 16x its 138M parameters,
+#: ~35 GB with gradients and momentum, beyond any one GPU; narrow nets (1/16) are for tests.
+MAX_WIDTH = 4.0
+#: Loader processes per rank: each is a process with a copy of the file list; beyond this they
+#: exhaust the process and file limits long before decoding gets faster (the default is at most 8).
+MAX_WORKERS = 256
+#: The longest warm-up, in epochs: longer than any run (the paper's has 74 epochs), and small
+#: enough that warmup x steps per epoch stays a finite number of steps.
+MAX_WARMUP = 1e6
+#: The largest seed: it seeds numpy's generators, and torch's 64-bit one as seed x 1,000,003 + epoch.
+SEED_MAX = 2**32 - 1
+#: A config file is a few hundred bytes (every option: ~2 KB); a larger one is not a config file.
+MAX_CONFIG_BYTES = 2**20
 
+
+@dataclass(frozen=True)
+class Check:
+    """What an option's value must be (each item of a list, each value of a table)."""
+
+    admits: Callable[[Any], bool]
+    expected: str
+
+
+def between(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False) -> Check:
+    """A finite number in the interval from ``low`` to ``high`` (ends open or closed)."""
+
+    def admits(v: float) -> bool:
+        above = v > low if low_open else v >= low
+        below = v < high if high_open else v <= high
+        # An int is finite (and math.isfinite cannot take one beyond the range of a float).
+        return (isinstance(v, int) or math.isfinite(v)) and above and below
+
+    if high == math.inf:
+        where = f"{'>' if low_open else '>='} {_number(low)}"
+    else:
+        where = f"in {'(' if low_open else '['}{_number(low)}, {_number(high)}{')' if high_open else ']'}"
+    return Check(admits, f"a finite number {where}")
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
+def one_of(*values: str) -> Check:
+    return Check(lambda v: v in values, f"one of {', '.join(values)}")
+
+
+def _known_arch(value: str) -> bool:
+    try:
+        canonical(value)
+    except ValueError:
+        return False
+    return True
+
+
+#: The layer names of Table 1's nets in forward order (E's, and A-LRN's norm1 after relu1_1):
+#: a config names layers before the net, which ``weights`` may change, is built.
+_ORDER = [s.name for s in layer_specs("E")]
+_SPECS = sorted(
+    {s.name: s for config in TABLE_1 for s in layer_specs(config)}.values(),
+    key=lambda s: _ORDER.index(s.name) if s.name in _ORDER else _ORDER.index("relu1_1") + 0.5,
+)
+LAYERS = tuple(s.name for s in _SPECS)
+PARAM_LAYERS = tuple(s.name for s in _SPECS if s.kind in ("conv", "fc"))
+ANY = Check(lambda v: True, "")
+PATH = Check(lambda v: bool(v) and "\0" not in v, "a path (not empty, without a NUL character)")
+POSITIVE = between(1)
+
+#: Every option's rule (the annotation gives its type; a list's or table's rule is its items').
+#: Ranges are what the recipe can use: probabilities in [0, 1), scales that crop to 224, ...
+SCHEMA: dict[str, Check] = {
+    "data": PATH,
+    "val": PATH,
+    "scale": between(MIN_CROP, MAX_SCALE),
+    "val_scale": between(MIN_CROP, MAX_SCALE),
+    "crop": Check(
+        lambda v: MIN_CROP <= v <= CROP,
+        f"{MIN_CROP}..{CROP}: fc6 needs pool5 of 7x7, which only these crops give (the paper: {CROP})",
+    ),
+    "flip": ANY,
+    "lighting_std": between(0),
+    "workers": between(0, MAX_WORKERS),
+    "arch": Check(_known_arch, f"a configuration of Table 1 ({', '.join(TABLE_1)}) or its name (vgg16, ...)"),
+    "width": between(0, MAX_WIDTH, low_open=True),
+    "num_classes": POSITIVE,
+    "weights": PATH,
+    "prototxt": PATH,
+    "init": PATH,
+    "init_std": between(0, low_open=True),
+    "init_layers": Check(lambda v: v in PARAM_LAYERS, f"layers with parameters ({', '.join(PARAM_LAYERS)})"),
+    "freeze_through": Check(lambda v: v in LAYERS, f"a layer of Table 1's nets ({LAYERS[0]} ... {LAYERS[-1]})"),
+    "lr_mult": between(0),
+    "dropout": between(0, 1, high_open=True),
+    "epochs": POSITIVE,
+    "batch_size": POSITIVE,
+    "micro_batch": POSITIVE,
+    "lr": between(0, low_open=True),
+    "warmup": between(0, MAX_WARMUP),
+    "clip_grad_norm": between(0, low_open=True),
+    "divergence_checks": ANY,
+    "momentum": between(0, 1, high_open=True),
+    "weight_decay": between(0),
+    "lr_factor": between(0, 1, low_open=True),
+    "max_lr_drops": between(0),
+    "plateau_patience": POSITIVE,
+    "plateau_threshold": between(0, 1),  # 1: no gain counts (a plateau every epoch)
+    "max_steps": POSITIVE,
+    "out": PATH,
+    "checkpoint_every": between(0),  # 0: at epoch ends only
+    "keep_checkpoints": POSITIVE,
+    "seed": between(0, SEED_MAX),
+    "deterministic": ANY,
+    "device": Check(lambda v: re.fullmatch(r"[a-z_]+(:\d+)?", v) is not None, "a device such as cpu, cuda or cuda:1"),
+    "precision": one_of(*PRECISIONS),
+    "channels_last": one_of("auto", "on", "off"),
+    "compile": ANY,
+    "log_every": POSITIVE,
+    "metrics_format": one_of("jsonl", "csv"),
+    "tensorboard": ANY,
+    "progress": ANY,
+}
+#: Rules for the keys of table options: ``lr_mult`` names a layer or one of its blobs (fc8.bias).
+KEYS: dict[str, Check] = {
+    "lr_mult": Check(
+        lambda k: k.removesuffix(".weight").removesuffix(".bias") in PARAM_LAYERS,
+        "a layer with parameters, or its .weight or .bias",
+    )
+}
+#: How many items a list option holds: S, or S_min and S_max.
+LENGTHS: dict[str, tuple[int, int]] = {"scale": (1, 2)}
+
+
+def check_option(name: str, value: Any, origin: str = "") -> None:
+    """Raise :class:`VerydeepError` unless ``value`` (already of the option's type) fits :data:`SCHEMA`.
+
+    ``origin`` (a file and line, or "command line") starts the message when given.
+    """
+    if value is None:
+        return
+    where = _where(name, origin)
+    if name in LENGTHS:
+        low, high = LENGTHS[name]
+        if not low <= len(value) <= high:
+            raise VerydeepError(f"{where}: expected {low} to {high} values, found {len(value)}")
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else ((None, v) for v in value)
+        if isinstance(value, list)
+        else [(None, value)]
+    )
+    rule = SCHEMA[name]
+    for key, item in items:
+        if key is not None and name in KEYS and not KEYS[name].admits(key):
+            raise VerydeepError(f"{where}: key {quoted(key)}: expected {KEYS[name].expected}")
+        if not rule.admits(item):
+            at = f" {key}" if key is not None else ""
+            raise VerydeepError(f"{where}{at}: expected {rule.expected}, found {quoted(item)}")
+
+
+def _where(name: str, origin: str) -> str:
+    """How a message names an option: ``run.toml: line 3: option lr`` or, checking a config, ``lr``."""
+    return f"{origin}: option {name}" if origin else name
+
+
+@functools.cache
 def _hints() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
 
@@ -214,19 +351,23 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
 
     def fail() -> NoReturn:
         found = type(value).__name__
-        raise VerydeepError(f"{origin}: option {name}: expected {_type_name(hint)}, found {found} {value!r}")
+        raise VerydeepError(f"{_where(name, origin)}: expected {_type_name(hint)}, found {found} {quoted(value)}")
 
+    coerced: Any
     if origin_type is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, (list, tuple)):
             value = [value] if isinstance(value, (int, str)) and not isinstance(value, bool) else fail()
-        return [_scalar(v, item, fail) for v in value]
-    if origin_type is dict:
+        coerced = [_scalar(v, item, fail) for v in value]
+    elif origin_type is dict:
         _, item = typing.get_args(hint)
         if not isinstance(value, dict):
             fail()
-        return {str(k): _scalar(v, item, fail) for k, v in value.items()}
-    return _scalar(value, hint, fail)
+        coerced = {str(k): _scalar(v, item, fail) for k, v in value.items()}
+    else:
+        coerced = _scalar(value, hint, fail)
+    check_option(name, coerced, origin)
+    return coerced
 
 
 def _scalar(value: Any, kind: type, fail: Callable[[], NoReturn]) -> Any:
@@ -257,24 +398,49 @@ def _unknown(name: str, origin: str) -> VerydeepError:
 
 
 def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A config file's options, type-checked, with relative paths made relative to the file."""
+    """A config file's options, type- and range-checked, with relative paths made relative to the file.
+
+    Errors name the file and, where the parser or a search for the key finds it, the line.
+    """
     path = Path(path)
+    text = read_text(path, "config file", MAX_CONFIG_BYTES)
     try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise VerydeepError(f"{path}: no such config file") from None
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise VerydeepError(f"{path}: not valid TOML ({e})") from None
+        # Python 3.11's message ends "(at line L, column C)"; the line goes up front, like every error's.
+        found = re.fullmatch(r"(.*) \(at (?:line (\d+), column \d+|end of document)\)", str(e), re.S)
+        line = (found[2] or text.count("\n") + 1) if found else None
+        where = f"line {line}: " if line else ""
+        raise VerydeepError(f"{path}: {where}not valid TOML ({found[1] if found else e})") from None
+    except RecursionError:
+        raise VerydeepError(f"{path}: not a config file (values nested deeper than TOML can be read)") from None
     out: dict[str, Any] = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
+        line = _line_of(text, key)
+        origin = f"{path}: line {line}" if line else str(path)
         if name not in FIELDS:
-            raise _unknown(key, str(path))
-        value = _coerce(name, value, str(path))
+            raise _unknown(key, origin)
+        value = _coerce(name, value, origin)
         if name in PATH_KEYS and isinstance(value, str) and not _is_name_or_url(name, value):
-            value = str((path.parent / value).expanduser().resolve())
+            value = _absolute(path.parent / value, f"{origin}: option {name}")
         out[name] = value
     return out
+
+
+def _line_of(text: str, key: str) -> int | None:
+    """The line where top-level ``key`` is set (``key =``, ``key.sub =`` or ``[key]``), if found."""
+    quoted = rf"(?:{re.escape(key)}|\"{re.escape(key)}\"|'{re.escape(key)}')"
+    found = re.search(rf"^[ \t]*(?:\[[ \t]*{quoted}[ \t]*\]|{quoted}[ \t]*[=.])", text, re.M)
+    return text.count("\n", 0, found.start()) + 1 if found else None
+
+
+def _absolute(path: Path, where: str) -> str:
+    """``path`` made absolute; a home folder that cannot be found or a symlink loop is an error."""
+    try:
+        return str(path.expanduser().resolve())
+    except (OSError, RuntimeError) as e:
+        raise VerydeepError(f"{where}: cannot resolve the path {path} ({e})") from None
 
 
 def _is_name_or_url(key: str, value: str) -> bool:
@@ -313,7 +479,7 @@ def absolute_paths(config: TrainConfig) -> TrainConfig:
     for key in PATH_KEYS:
         v = values[key]
         if isinstance(v, str) and not _is_name_or_url(key, v):
-            values[key] = str(Path(v).expanduser().resolve())
+            values[key] = _absolute(Path(v), key)
     return TrainConfig(**values)
 
 
@@ -363,7 +529,7 @@ def changed_on_resume(saved: TrainConfig, requested: dict[str, Any]) -> list[str
             continue
         value = _coerce(name, value, "command line")
         if name in PATH_KEYS and isinstance(value, str) and not _is_name_or_url(name, value):
-            value = str(Path(value).expanduser().resolve())
+            value = _absolute(Path(value), f"command line: option {name}")
         if value != values[name]:
             bad.append(name)
     return bad

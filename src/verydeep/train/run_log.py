@@ -16,10 +16,12 @@ import json
 import math
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from verydeep.core.atomic import atomic_path
+from verydeep.core.atomic import atomic_path, write_error
 
 #: The CSV columns (a record leaves the ones that do not apply empty).
 COLUMNS = (
@@ -86,11 +88,12 @@ class MetricsLog:
         elif self.path.exists():
             self.path.unlink()
         new = not self.path.exists()
-        self.file = open(self.path, "a", newline="")
-        if fmt == "csv":
-            self.csv = csv.DictWriter(self.file, fieldnames=COLUMNS, extrasaction="ignore")
-            if new:
-                self.csv.writeheader()
+        with self._os_errors():
+            self.file = open(self.path, "a", newline="")
+            if fmt == "csv":
+                self.csv = csv.DictWriter(self.file, fieldnames=COLUMNS, extrasaction="ignore")
+                if new:
+                    self.csv.writeheader()
         self.tb = _tensorboard_writer(self.run_dir / "tensorboard", resume_step) if tensorboard else None
 
     def _truncate_after(self, step: int) -> None:
@@ -109,11 +112,12 @@ class MetricsLog:
         record = {
             k: v for k, v in record.items() if v is not None and not (isinstance(v, float) and not math.isfinite(v))
         }
-        if self.fmt == "csv":
-            self.csv.writerow(record)
-        else:
-            self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        with self._os_errors():
+            if self.fmt == "csv":
+                self.csv.writerow(record)
+            else:
+                self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
         if self.tb is not None:
             kind, step = record["kind"], record["step"]
             for key in ("loss", "top1", "top5", "lr", "grad_norm", "images_per_s"):
@@ -121,8 +125,17 @@ class MetricsLog:
                     self.tb.add_scalar(f"{kind}/{key}", record[key], step)
             self.tb.flush()
 
+    @contextmanager
+    def _os_errors(self) -> Iterator[None]:
+        """The metrics file is appended to, not replaced: its OS errors (disk full) as one line too."""
+        try:
+            yield
+        except OSError as e:
+            raise (write_error(self.path, e) or e) from None
+
     def close(self) -> None:
-        self.file.close()
+        with suppress(OSError):  # the flush of a full disk: the error was reported by write()
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
 

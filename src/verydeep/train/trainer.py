@@ -10,7 +10,10 @@ A run lives in one folder (RUN_DIR): ``config.toml`` (effective options), ``chec
 ``metrics.jsonl`` (or ``.csv``), ``tensorboard/``, ``init.txt`` (where each layer's
 parameters came from), ``skipped.txt`` (unreadable images), ``model.safetensors`` (the final
 weights with the class names), ``summary.json`` and ``curves.png``. The folder is created only
-once every option has been checked, so a mistake leaves nothing behind.
+once every option has been checked, so a mistake leaves nothing behind; ``config.toml`` is its
+first file, and ``--resume`` of a run killed before it (or whose config.toml is gone: the newest
+checkpoint records the configuration too) still works. ``RUN_DIR.lock`` beside the folder keeps
+a second run out of it while one runs.
 
 A run cannot die silently: a non-finite loss, a loss far above where it started, or whole
 epochs after warm-up at chance level (training top-1 of a constant guess, loss at the entropy
@@ -50,7 +53,7 @@ from torch.utils.data import DataLoader
 
 from verydeep.configs import LRN_DEFAULTS
 from verydeep.core import distributed
-from verydeep.core.atomic import remove_stale, write_json, write_text
+from verydeep.core.atomic import file_in_the_way, file_lock, make_dirs, remove_stale, write_json, write_text
 from verydeep.core.defaults import PRECISIONS, default_workers, dtype_of
 from verydeep.data.augment import TrainTransform, ValTransform, to_input
 from verydeep.data.images import Failed
@@ -79,6 +82,7 @@ from verydeep.train.watchdog import Stop, Watchdog, advice, label_stats
 #: The autocast dtype of each precision; None (fp32) runs without autocast.
 PRECISION: dict[str, torch.dtype | None] = {name: None if name == "fp32" else dtype_of(name) for name in PRECISIONS}
 WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.toml"
 #: Test hook: ``VERYDEEP_TRAIN_KILL_AT_STEP=N`` makes every rank SIGKILL itself right after
 #: optimiser step N (and the mid-epoch checkpoint that step may write), so a test can kill a
 #: run at a known point inside an epoch. Unset, it costs nothing.
@@ -137,20 +141,35 @@ def prepare_config(
     out = requested.get("out")
     if not out:
         raise VerydeepError("--resume needs -o RUN_DIR (the run to continue)")
-    saved_file = Path(out) / "config.toml"
-    if not saved_file.exists():
-        raise VerydeepError(f"{saved_file}: not found; {out} is not a verydeep train run (or it never started)")
-    saved = tc.merge(tc.read_toml(saved_file), origin=str(saved_file))
+    saved_file = Path(out) / CONFIG_FILE
+    origin = saved_file if saved_file.exists() else f"the newest checkpoint in {Path(out) / 'checkpoints'}"
+    saved = saved_config(Path(out))
+    if saved is None:  # stopped before its first write: nothing to continue, so start it as asked
+        return tc.load(config_file, overrides)
     changed = tc.changed_on_resume(saved, requested)
     if changed:
         name = changed[0]
         value = getattr(saved, name)
         shown = "unset (its default)" if value is None else repr(value)
         raise VerydeepError(
-            f"--resume: option {name} is {shown} in {saved_file}, found {requested[name]!r}; "
+            f"--resume: option {name} is {shown} in {origin}, found {requested[name]!r}; "
             f"only {', '.join(sorted(tc.RESUMABLE))} may change when resuming"
         )
     return tc.merge({k: v for k, v in requested.items() if k in tc.RESUMABLE}, base=saved).validate()
+
+
+def saved_config(run_dir: Path) -> TrainConfig | None:
+    """The configuration a run was started with: its config.toml (the run folder's first
+    write), else the one its newest checkpoint records (a config.toml deleted since); None for
+    a run that never got that far (nothing to continue)."""
+    saved_file = run_dir / CONFIG_FILE
+    if saved_file.exists():
+        return tc.merge(tc.read_toml(saved_file), origin=str(saved_file))
+    found = checkpoint.load_latest(run_dir / "checkpoints", warn=lambda msg: None)
+    if found is None:
+        return None
+    path, state = found
+    return tc.merge(state.get("config") or {}, origin=str(path))
 
 
 def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None] | None = None) -> TrainResult:
@@ -186,17 +205,6 @@ def _finite(value: Any) -> Any:
 def _seed_of(*parts: int) -> int:
     """A 63-bit seed mixing ``parts`` (SeedSequence hashing: nearby inputs give unrelated seeds)."""
     return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def _broadcast(obj: Any, ctx: distributed.Context) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not ctx.distributed:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 @dataclass(frozen=True)
@@ -244,6 +252,7 @@ class Trainer:
         self._log = log or (lambda msg: print(msg, file=sys.stderr))
         self.bar: Any = None
         self.metrics: MetricsLog | None = None
+        self._held = contextlib.ExitStack()  # the run folder's lock
         self._saved_flags = KernelFlags.current()
         self._set_determinism()
         try:
@@ -256,6 +265,7 @@ class Trainer:
     def _set_up(self, resume: bool) -> None:
         """Every check (data, model, options) first; the run folder is written last."""
         self.run_dir = self._run_dir()
+        self._hold_run_dir()
         self.ckpt_dir = self.run_dir / "checkpoints"
         latest = self._latest_checkpoint(resume)
         self._set_up_data()
@@ -342,12 +352,13 @@ class Trainer:
             self.net = self.ddp
 
     def _open_outputs(self, *, resumed: bool) -> None:
-        """RUN_DIR with config.toml, init.txt and the metrics log, written by rank 0 before any rank goes on."""
+        """RUN_DIR with config.toml (its first file), init.txt and the metrics log, written by rank 0
+        before any rank goes on."""
         if self.ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.run_dir)
+            tc.save_toml(self.cfg, self.run_dir / CONFIG_FILE)  # first: what --resume continues from
             if self.init_rows is not None:
                 write_text(self.run_dir / "init.txt", format_rows(self.init_rows) + "\n")
-            tc.save_toml(self.cfg, self.run_dir / "config.toml")
             self.metrics = MetricsLog(
                 self.run_dir,
                 self.cfg.metrics_format,
@@ -355,6 +366,21 @@ class Trainer:
                 resume_step=self.global_step if resumed else None,
             )
         distributed.barrier(self.ctx)
+
+    def _hold_run_dir(self) -> None:
+        """One run per folder: rank 0 holds ``RUN_DIR.lock`` (beside it) until :meth:`close`; a
+        second run on the folder refuses at once, naming the process that holds it."""
+        run_dir = self.run_dir
+
+        def busy(holder: str) -> str:
+            return (
+                f"{run_dir} is being written by another verydeep process ({holder}); wait for it or choose another -o"
+            )
+
+        lock = run_dir.with_name(run_dir.name + ".lock")
+        self._held.enter_context(
+            distributed.held_by_main_rank(lambda: file_lock(lock, busy, wait=False, target=run_dir), self.ctx)
+        )
 
     # -- set-up helpers ----------------------------------------------------------------------
     def say(self, msg: str) -> None:
@@ -385,10 +411,13 @@ class Trainer:
         out = self.cfg.out
         if out is None:
             out = str(Path("runs") / f"{self.cfg.arch}-{time.strftime('%Y%m%d-%H%M%S')}")
-            out = _broadcast(out, self.ctx)
+            out = distributed.broadcast_object(out, self.ctx)
         run_dir = Path(out)
         if run_dir.exists() and not run_dir.is_dir():
             raise VerydeepError(f"out: {run_dir} is a file; the run folder must be a folder")
+        blocker = file_in_the_way(run_dir)
+        if blocker is not None:
+            raise VerydeepError(f"out: {run_dir}: cannot write: {blocker} is a file, not a folder")
         self.cfg = tc.absolute_paths(tc.merge({"out": str(run_dir)}, base=self.cfg))
         return run_dir.resolve()
 
@@ -1052,5 +1081,6 @@ class Trainer:
             self.bar.close()
         if self.metrics is not None:
             self.metrics.close()
+        self._held.close()
         self._saved_flags.restore()
         distributed.finish(self.ctx)

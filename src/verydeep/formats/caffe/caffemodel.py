@@ -12,6 +12,7 @@ message's fields may come in any order, so the result is a valid file for Caffe 
 from __future__ import annotations
 
 import io
+import math
 import mmap
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,12 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from verydeep.core.atomic import atomic_path
 from verydeep.errors import CaffeFormatError
 from verydeep.formats.caffe import caffe_pb2 as pb
-from verydeep.formats.caffe.prototxt import NetParameter, downgrade, upgrade
+from verydeep.formats.caffe.prototxt import MAX_BLOB_AXES, NetParameter, downgrade, upgrade
 
 # Field numbers (Caffe's caffe.proto).
 _NET_LAYER = {100: "V2", 2: "V1"}  # NetParameter.layer / .layers
@@ -109,10 +110,10 @@ class _Reader:
 
     def _layer(self, start: int, end: int, version: str, index: int) -> tuple[Any, list[np.ndarray]]:
         rest, name = bytearray(), f"#{index}"
-        arrays: list[np.ndarray] = []
+        blobs: list[tuple[int, int]] = []  # read once the name is known, so that errors can give it
         for number, wire, tag, value, stop in self._fields(start, end, f"layer {name}"):
             if number == _LAYER_BLOBS[version] and wire == _LEN:
-                arrays.append(self._blob(value, stop, name, len(arrays)))
+                blobs.append((value, stop))
                 continue
             if number == _LAYER_NAME[version] and wire == _LEN:
                 name = repr(bytes(self.buf[value:stop]).decode("utf-8", "replace"))
@@ -123,6 +124,7 @@ class _Reader:
                 )
             rest += self.buf[tag:stop]
         message = pb.V1LayerParameter if version == "V1" else pb.LayerParameter
+        arrays = [self._blob(value, stop, name, i) for i, (value, stop) in enumerate(blobs)]
         return self._parse(message, bytes(rest), f"layer {name}"), arrays
 
     def _blob(self, start: int, end: int, layer: str, index: int) -> np.ndarray:
@@ -142,19 +144,37 @@ class _Reader:
         meta = self._parse(pb.BlobProto, bytes(rest), where)
         data = chunks[0] if len(chunks) == 1 else np.concatenate(chunks) if chunks else np.empty(0, np.float32)
         if data.dtype != np.float32:
-            data = data.astype(np.float32)
+            data = self._to_float32(data, where)
         if meta.HasField("shape"):
             shape = tuple(meta.shape.dim)
         elif any(meta.HasField(f) for f in ("num", "channels", "height", "width")):
             shape = (meta.num, meta.channels, meta.height, meta.width)
         else:
             shape = (data.size,)
-        if int(np.prod(shape)) != data.size:
+        if len(shape) > MAX_BLOB_AXES:
             raise CaffeFormatError(
-                f"{self.path}: {where}: shape {'x'.join(map(str, shape))} needs {int(np.prod(shape))} values, "
-                f"found {data.size}"
+                f"{self.path}: {where}: shape has {len(shape)} dims; a blob has at most {MAX_BLOB_AXES}"
             )
+        dims = "x".join(map(str, shape)) or "(no dims)"
+        if any(d < 0 for d in shape):
+            raise CaffeFormatError(f"{self.path}: {where}: shape {dims} has a negative dim")
+        count = math.prod(shape)  # Python ints: a claimed 2^64-element shape cannot wrap around to match
+        if count != data.size:
+            raise CaffeFormatError(f"{self.path}: {where}: shape {dims} needs {count} values, found {data.size}")
         return data.reshape(shape)
+
+    def _to_float32(self, data: np.ndarray, where: str) -> np.ndarray:
+        """``double_data`` as float32, refusing finite values that float32 cannot hold (they would
+        become infinities); NaN and infinities carry over, for the model builders to refuse."""
+        limit = float(np.finfo(np.float32).max)
+        too_large = np.isfinite(data) & (np.abs(data) > limit)
+        if too_large.any():
+            i = int(np.argmax(too_large))
+            raise CaffeFormatError(
+                f"{self.path}: {where}: value {i} of {data.size} is {data[i]:g}, beyond float32's range "
+                f"(+-{limit:.3g}); verydeep holds weights as float32"
+            )
+        return data.astype(np.float32)
 
     def _floats(self, start: int, end: int, dtype: str, where: str) -> np.ndarray:
         """A packed float/double field, read from the file into a fresh array (no mmap pages)."""
@@ -174,7 +194,7 @@ class _Reader:
         tag = number << 3 | wire
         run = int(np.argmin(rows[:, 0] == tag)) if not (rows[:, 0] == tag).all() else len(rows)
         values = rows[:run, 1:].copy().view("<f4" if wire == _FIXED32 else "<f8").ravel()
-        return values.astype(np.float32), pos + run * width
+        return values.astype(values.dtype.newbyteorder("=")), pos + run * width
 
     def _fields(self, start: int, end: int, where: str) -> Iterator[tuple[int, int, int, int, int]]:
         """(number, wire type, tag offset, value offset, end offset) of each field in [start, end)."""
@@ -216,9 +236,13 @@ class _Reader:
 
     def _parse(self, message: Any, data: bytes, where: str) -> Any:  # a protobuf message
         try:
-            return message.FromString(data)
+            parsed = message.FromString(data)
         except DecodeError as e:
             raise CaffeFormatError(f"{self.path}: {where}: not a valid Caffe message ({e})") from None
+        field = _non_utf8_field(parsed)
+        if field is not None:
+            raise CaffeFormatError(f"{self.path}: {where}: field {field} is not UTF-8 text")
+        return parsed
 
     def _truncated(self, pos: int, needed: int, end: int, where: str) -> None:
         if end < self.size:  # the length of an enclosing message was already checked against the file
@@ -259,6 +283,21 @@ class _Reader:
         if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
             return "; the file looks like text (a .prototxt? pass it as the prototxt)"
         return ""
+
+
+def _non_utf8_field(message: Any) -> str | None:
+    """The first string field holding bytes that are not UTF-8, or None. Protobuf's parser keeps
+    such a proto2 string as ``bytes``, which fails later wherever a ``str`` is needed."""
+    for descriptor, value in message.ListFields():
+        items = (value,) if isinstance(value, (str, bytes, Message)) else value  # else repeated
+        if descriptor.message_type is not None:
+            for item in items:
+                inner = _non_utf8_field(item)
+                if inner is not None:
+                    return f"{descriptor.name}.{inner}"
+        elif descriptor.type == descriptor.TYPE_STRING and any(isinstance(item, bytes) for item in items):
+            return descriptor.name
+    return None
 
 
 _MAGIC = (

@@ -26,74 +26,125 @@ from verydeep.formats.caffe.prototxt import (
     INPUT_TYPES,
     NetParameter,
     active_layers,
+    concat_axis,
     conv_geometry,
     format_prototxt,
+    parse_prototxt,
     pool_geometry,
     read_prototxt,
+    shape_problem,
     upgrade,
     validate,
 )
-from verydeep.models.build import format_shape, shape_fits
+from verydeep.models.build import checked_tensor, format_shape, shape_fits
 
 Shape = tuple[int, ...]
 #: Shape assumed for an input the net does not size (a Data layer): one 224x224 colour image.
 DEFAULT_INPUT = (1, 3, 224, 224)
+#: Most parameters (weight and bias elements) a net may declare: 2^29, 2 GiB of float32. That is
+#: 3.7 times VGG-19's 144M (the largest net of the paper) and leaves room for fine-tuned heads
+#: (an ImageNet-21k fc8 adds 89M), while a prototxt alone can make verydeep allocate at most 2 GiB
+#: of zeros (a graph built under ``torch.device("meta")`` allocates nothing).
+MAX_PARAMS = 1 << 29
+
+#: What :meth:`_Layer.infer` returns: the shapes of the parameters (``weight``, ``bias``) and tops.
+Inferred = tuple[dict[str, Shape], list[Shape]]
+
+
+def _canonical_axis(name: str, axis: int, shape: Shape) -> int:
+    """Caffe's ``CanonicalAxisIndex``: ``axis`` in [-ndim, ndim), negative counting from the end."""
+    if not -len(shape) <= axis < len(shape):
+        raise ValueError(f"{name} {axis} is out of range for the {len(shape)}-axis input {format_shape(shape)}")
+    return axis % len(shape)
+
+
+def _four_d(shape: Shape) -> Shape:
+    if len(shape) != 4:
+        raise ValueError(f"expected an N x C x H x W input, found {format_shape(shape)}")
+    return shape
 
 
 # ----------------------------------------------------------------------------- layers
 
 
 class _Layer(nn.Module):
-    """One Caffe layer: ``forward(*bottoms)`` -> tuple of tops; ``shapes`` does the same for shapes."""
+    """One Caffe layer: ``forward(*bottoms)`` -> tuple of tops.
 
-    def shapes(self, bottoms: list[Shape]) -> list[Shape]:
-        return [bottoms[0]]
+    Built in two steps so that nothing is allocated for a net that does not fit: the constructor
+    reads the parameters, :meth:`infer` computes the shapes in plain integers (ValueError: the
+    layer does not fit its inputs), and :meth:`allocate` creates the parameters.
+    """
+
+    def infer(self, bottoms: list[Shape]) -> Inferred:
+        return {}, [bottoms[0]]
+
+    def allocate(self, params: Mapping[str, Shape]) -> None:
+        for kind, shape in params.items():
+            setattr(self, kind, nn.Parameter(torch.zeros(shape)))
 
 
-class Convolution(_Layer):
-    def __init__(self, layer: pb.LayerParameter, bottoms: list[Shape]) -> None:
+class _Weighted(_Layer):
+    """A layer with a weight and an optional bias (Convolution, InnerProduct)."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def __init__(self, num_output: int, bias_term: bool) -> None:
         super().__init__()
+        self.num_output, self.bias_term = num_output, bias_term
+        self.register_parameter("weight", None)
+        self.register_parameter("bias", None)
+
+    def _params(self, weight: Shape) -> dict[str, Shape]:
+        return {"weight": weight, **({"bias": (self.num_output,)} if self.bias_term else {})}
+
+
+class Convolution(_Weighted):
+    def __init__(self, layer: pb.LayerParameter) -> None:
         p = layer.convolution_param
+        super().__init__(p.num_output, p.bias_term)
         g = conv_geometry(p)
         self.kernel, self.stride, self.pad, self.dilation = g["kernel"], g["stride"], g["pad"], g["dilation"]
-        if p.axis != 1 or len(bottoms[0]) != 4:
-            raise ValueError(f"only 2-D convolution over axis 1 is supported (axis {p.axis}, input {bottoms[0]})")
-        self.groups, channels = p.group, bottoms[0][1]
-        if channels % p.group or p.num_output % p.group:
-            raise ValueError(f"group {p.group} does not divide {channels} input / {p.num_output} output channels")
-        self.weight = nn.Parameter(torch.zeros(p.num_output, channels // p.group, *self.kernel))
-        self.bias = nn.Parameter(torch.zeros(p.num_output)) if p.bias_term else None
+        self.groups = p.group
+
+    def infer(self, bottoms: list[Shape]) -> Inferred:
+        n, channels, h, w = _four_d(bottoms[0])
+        if channels % self.groups:
+            raise ValueError(f"group {self.groups} does not divide the {channels} input channels")
+        out = []
+        for size, k, s, p, d in zip((h, w), self.kernel, self.stride, self.pad, self.dilation):
+            extent = d * (k - 1) + 1
+            if extent > size + 2 * p:
+                raise ValueError(
+                    f"kernel {format_shape(self.kernel)} (dilation {format_shape(self.dilation)}) is larger than the "
+                    f"{h}x{w} input padded by {format_shape(self.pad)}"
+                )
+            out.append((size + 2 * p - extent) // s + 1)
+        weight = (self.num_output, channels // self.groups, *self.kernel)
+        return self._params(weight), [(n, self.num_output, *out)]
 
     def forward(self, x: Tensor) -> tuple[Tensor]:
         return (F.conv2d(x, self.weight, self.bias, self.stride, self.pad, self.dilation, self.groups),)
 
-    def shapes(self, bottoms: list[Shape]) -> list[Shape]:
-        n, _, h, w = bottoms[0]
-        out = [
-            (size + 2 * p - (d * (k - 1) + 1)) // s + 1
-            for size, k, s, p, d in zip((h, w), self.kernel, self.stride, self.pad, self.dilation)
-        ]
-        return [(n, self.weight.shape[0], *out)]
 
-
-class InnerProduct(_Layer):
+class InnerProduct(_Weighted):
     """Flattens from ``axis`` (C,H,W row-major for axis 1); weights (out, in), or (in, out) if transposed."""
 
-    def __init__(self, layer: pb.LayerParameter, bottoms: list[Shape]) -> None:
-        super().__init__()
+    def __init__(self, layer: pb.LayerParameter) -> None:
         p = layer.inner_product_param
-        self.axis, self.transpose, self.outputs = p.axis % len(bottoms[0]), p.transpose, p.num_output
-        inputs = math.prod(bottoms[0][self.axis :])
-        shape = (inputs, p.num_output) if p.transpose else (p.num_output, inputs)
-        self.weight = nn.Parameter(torch.zeros(shape))
-        self.bias = nn.Parameter(torch.zeros(p.num_output)) if p.bias_term else None
+        super().__init__(p.num_output, p.bias_term)
+        self.axis, self.transpose = p.axis, p.transpose
+
+    def infer(self, bottoms: list[Shape]) -> Inferred:
+        shape = bottoms[0]
+        self.axis = _canonical_axis("axis", self.axis, shape)
+        inputs = math.prod(shape[self.axis :])
+        weight = (inputs, self.num_output) if self.transpose else (self.num_output, inputs)
+        return self._params(weight), [(*shape[: self.axis], self.num_output)]
 
     def forward(self, x: Tensor) -> tuple[Tensor]:
         weight = self.weight.t() if self.transpose else self.weight
         return (F.linear(x.flatten(self.axis), weight, self.bias),)
-
-    def shapes(self, bottoms: list[Shape]) -> list[Shape]:
-        return [(*bottoms[0][: self.axis], self.outputs)]
 
 
 class Pooling(_Layer):
@@ -120,10 +171,18 @@ class Pooling(_Layer):
             out -= 1
         return out
 
-    def shapes(self, bottoms: list[Shape]) -> list[Shape]:
-        *lead, h, w = bottoms[0]
+    def infer(self, bottoms: list[Shape]) -> Inferred:
+        n, c, h, w = _four_d(bottoms[0])
         (kh, kw), (sh, sw), (ph, pw) = self._geometry(h, w)
-        return [(*lead, self._size(h, kh, sh, ph), self._size(w, kw, sw, pw))]
+        if kh > h + 2 * ph or kw > w + 2 * pw:
+            raise ValueError(f"kernel {kh}x{kw} is larger than the {h}x{w} input padded by {ph}x{pw}")
+        oh, ow = self._size(h, kh, sh, ph), self._size(w, kw, sw, pw)
+        # forward pads the input to hold every window: that padded blob must fit like any other
+        padded = (n, c, max(h + 2 * ph, (oh - 1) * sh + kh), max(w + 2 * pw, (ow - 1) * sw + kw))
+        problem = shape_problem(padded)
+        if problem:
+            raise ValueError(f"the padded input {format_shape(padded)} the windows need {problem}")
+        return {}, [(n, c, oh, ow)]
 
     def forward(self, x: Tensor) -> tuple[Tensor]:
         h, w = x.shape[-2:]
@@ -138,11 +197,11 @@ class Pooling(_Layer):
             return (F.max_pool2d(x, (kh, kw), (sh, sw))[..., :oh, :ow],)
         x = F.pad(x, pads) if any(pads) else x
         sums = F.avg_pool2d(x, (kh, kw), (sh, sw), divisor_override=1)[..., :oh, :ow]
-        counts = [  # window extent within [-pad, size + pad), per output row / column
-            [min(i * s - p + k, size + p) - (i * s - p) for i in range(n)]
-            for n, size, k, s, p in ((oh, h, kh, sh, ph), (ow, w, kw, sw, pw))
-        ]
-        return (sums / torch.outer(*(torch.tensor(c, dtype=sums.dtype, device=sums.device) for c in counts)),)
+        counts = []  # window extent within [-pad, size + pad), per output row / column
+        for n, size, k, s, p in ((oh, h, kh, sh, ph), (ow, w, kw, sw, pw)):
+            start = torch.arange(n, device=sums.device) * s - p
+            counts.append((torch.clamp(start + k, max=size + p) - start).to(sums.dtype))
+        return (sums / torch.outer(*counts),)
 
 
 class LRN(_Layer):
@@ -154,6 +213,18 @@ class LRN(_Layer):
         p = layer.lrn_param
         self.size, self.alpha, self.beta, self.k = p.local_size, p.alpha, p.beta, p.k
         self.across = p.norm_region == pb.LRNParameter.ACROSS_CHANNELS
+
+    def infer(self, bottoms: list[Shape]) -> Inferred:
+        n, c, h, w = _four_d(bottoms[0])
+        # A window wider than this reaches past every channel (row) from every position: it adds
+        # only zeros, and forward would pad the input by its width.
+        extent, what = (c, "channels") if self.across else (max(h, w), "rows and columns")
+        if self.size > 2 * extent - 1:
+            raise ValueError(
+                f"local_size {self.size} is wider than {2 * extent - 1}, a window that already reaches all "
+                f"{extent} {what} from each one"
+            )
+        return {}, [bottoms[0]]
 
     def forward(self, x: Tensor) -> tuple[Tensor]:
         if self.across:
@@ -187,6 +258,10 @@ class Softmax(_Layer):
         super().__init__()
         self.axis = layer.softmax_param.axis
 
+    def infer(self, bottoms: list[Shape]) -> Inferred:
+        self.axis = _canonical_axis("axis", self.axis, bottoms[0])
+        return {}, [bottoms[0]]
+
     def forward(self, x: Tensor) -> tuple[Tensor]:
         return (F.softmax(x, self.axis),)
 
@@ -194,29 +269,32 @@ class Softmax(_Layer):
 class Concat(_Layer):
     def __init__(self, layer: pb.LayerParameter) -> None:
         super().__init__()
-        p = layer.concat_param
-        self.axis = p.concat_dim if p.HasField("concat_dim") and not p.HasField("axis") else p.axis
+        self.axis = concat_axis(layer.concat_param)
+
+    def infer(self, bottoms: list[Shape]) -> Inferred:
+        first = bottoms[0]
+        self.axis = _canonical_axis("axis", self.axis, first)
+        for shape in bottoms[1:]:
+            if len(shape) != len(first) or any(a != b for i, (a, b) in enumerate(zip(shape, first)) if i != self.axis):
+                raise ValueError(f"inputs must agree on every axis but {self.axis}")
+        out = list(first)
+        out[self.axis] = sum(s[self.axis] for s in bottoms)
+        return {}, [tuple(out)]
 
     def forward(self, *xs: Tensor) -> tuple[Tensor]:
         return (torch.cat(xs, self.axis),)
 
-    def shapes(self, bottoms: list[Shape]) -> list[Shape]:
-        axis = self.axis % len(bottoms[0])
-        out = list(bottoms[0])
-        out[axis] = sum(s[axis] for s in bottoms)
-        return [tuple(out)]
-
 
 class Eltwise(_Layer):
-    def __init__(self, layer: pb.LayerParameter, bottoms: list[Shape]) -> None:
+    def __init__(self, layer: pb.LayerParameter) -> None:
         super().__init__()
         p = layer.eltwise_param
-        self.op = p.operation
-        if p.coeff and len(p.coeff) != len(bottoms):
-            raise ValueError(f"{len(p.coeff)} coeff for {len(bottoms)} bottoms")
-        if p.coeff and self.op != pb.EltwiseParameter.SUM:
-            raise ValueError("coeff is only for operation SUM")
-        self.coeff = list(p.coeff)
+        self.op, self.coeff = p.operation, list(p.coeff)
+
+    def infer(self, bottoms: list[Shape]) -> Inferred:
+        if any(shape != bottoms[0] for shape in bottoms):
+            raise ValueError("inputs must have one shape")
+        return {}, [bottoms[0]]
 
     def forward(self, *xs: Tensor) -> tuple[Tensor]:
         if self.op == pb.EltwiseParameter.SUM:
@@ -236,32 +314,32 @@ class Flatten(_Layer):
         super().__init__()
         self.axis, self.end_axis = layer.flatten_param.axis, layer.flatten_param.end_axis
 
+    def infer(self, bottoms: list[Shape]) -> Inferred:
+        shape = bottoms[0]
+        self.axis = _canonical_axis("axis", self.axis, shape)
+        self.end_axis = _canonical_axis("end_axis", self.end_axis, shape)
+        if self.axis > self.end_axis:
+            raise ValueError(f"axis {self.axis} comes after end_axis {self.end_axis}")
+        a, e = self.axis, self.end_axis
+        return {}, [(*shape[:a], math.prod(shape[a : e + 1]), *shape[e + 1 :])]
+
     def forward(self, x: Tensor) -> tuple[Tensor]:
         return (x.flatten(self.axis, self.end_axis),)
 
-    def shapes(self, bottoms: list[Shape]) -> list[Shape]:
-        shape = bottoms[0]
-        a, e = self.axis % len(shape), self.end_axis % len(shape)
-        return [(*shape[:a], math.prod(shape[a : e + 1]), *shape[e + 1 :])]
 
-
-def _build(layer: pb.LayerParameter, bottoms: list[Shape]) -> _Layer:
-    if layer.type == "Convolution":
-        return Convolution(layer, bottoms)
-    if layer.type == "InnerProduct":
-        return InnerProduct(layer, bottoms)
-    if layer.type == "Eltwise":
-        return Eltwise(layer, bottoms)
-    simple = {
-        "Pooling": Pooling,
-        "LRN": LRN,
-        "ReLU": ReLU,
-        "Dropout": Dropout,
-        "Softmax": Softmax,
-        "Concat": Concat,
-        "Flatten": Flatten,
-    }
-    return simple[layer.type](layer)
+#: The module of each compute type (validate() admits no other).
+LAYERS: dict[str, type[_Layer]] = {
+    "Convolution": Convolution,
+    "InnerProduct": InnerProduct,
+    "Pooling": Pooling,
+    "LRN": LRN,
+    "ReLU": ReLU,
+    "Dropout": Dropout,
+    "Softmax": Softmax,
+    "Concat": Concat,
+    "Eltwise": Eltwise,
+    "Flatten": Flatten,
+}
 
 
 # ----------------------------------------------------------------------------- the graph
@@ -273,6 +351,8 @@ class _Step:
     attr: str  # attribute of the module holding it
     bottoms: tuple[str, ...]
     tops: tuple[str, ...]
+    type: str  # Caffe layer type
+    shapes: tuple[Shape, ...]  # of the tops, right after this layer
 
 
 class CaffeGraph(nn.Module):
@@ -290,36 +370,56 @@ class CaffeGraph(nn.Module):
         validate(net, source)
         self.net, self.source = net, source
         shapes = _input_shapes(net, input_shape)
+        for name, shape in shapes.items():
+            problem = shape_problem(shape)
+            if problem:
+                raise CaffeFormatError(f"{source}: input {name!r}: shape {format_shape(shape)} {problem}")
         self.inputs: list[str] = list(shapes)
         self.blob_shapes: dict[str, Shape] = dict(shapes)
         self.steps: list[_Step] = []
         self.param_layers: dict[str, str] = {}  # Caffe layer name -> attribute (names with '/' or '.')
+        self._suffixes: dict[str, int] = {}
+        params = 0
         for layer in active_layers(net):
             if layer.type in INPUT_TYPES:
                 continue
+            where = f"{source}: layer {layer.name!r} ({layer.type})"
             bottoms = [self.blob_shapes[b] for b in layer.bottom]
+            module = LAYERS[layer.type](layer)
             try:
-                module = _build(layer, bottoms)
-                tops = module.shapes(bottoms)
-            except (ValueError, IndexError, ZeroDivisionError) as e:
-                where = f"{source}: layer {layer.name!r} ({layer.type})"
-                raise CaffeFormatError(f"{where}: {e} (inputs {bottoms})") from None
+                param_shapes, tops = module.infer(bottoms)
+            except ValueError as e:
+                raise CaffeFormatError(f"{where}: {e} (inputs {', '.join(map(format_shape, bottoms))})") from None
+            for top in tops:
+                problem = shape_problem(top)
+                if problem:
+                    raise CaffeFormatError(f"{where}: its output {format_shape(top)} {problem}")
+            params += sum(math.prod(shape) for shape in param_shapes.values())
+            if params > MAX_PARAMS:  # checked before anything is allocated
+                raise CaffeFormatError(
+                    f"{where}: the net declares {params:,} parameters up to here, more than the "
+                    f"{MAX_PARAMS:,} verydeep builds (VGG-19 has 143,667,240)"
+                )
+            module.allocate(param_shapes)
             attr = self._attribute(layer.name)
             self.add_module(attr, module)
-            if layer.type in ("Convolution", "InnerProduct"):
+            if param_shapes:
                 self.param_layers[layer.name] = attr
-            self.steps.append(_Step(layer.name, attr, tuple(layer.bottom), tuple(layer.top)))
+            self.steps.append(_Step(layer.name, attr, tuple(layer.bottom), tuple(layer.top), layer.type, tuple(tops)))
             self.blob_shapes.update(zip(layer.top, tops))
         if not self.steps:
             raise CaffeFormatError(f"{source}: the net has no layers to run")
         self.eval()  # a deploy net runs in Caffe's TEST phase: dropout off until .train()
 
     def _attribute(self, name: str) -> str:
+        """A free attribute name for layer ``name`` (``/`` and ``.`` are not allowed in one)."""
         base = name.replace("/", "_").replace(".", "_") or "layer"
-        attr, i = base, 0
+        i = self._suffixes.get(base, 0)  # the next suffix to try: n duplicate names cost O(n), not O(n^2)
+        attr = base if i == 0 else f"{base}_{i}"
         while hasattr(self, attr):
             i += 1
             attr = f"{base}_{i}"
+        self._suffixes[base] = i + 1
         return attr
 
     @classmethod
@@ -332,15 +432,20 @@ class CaffeGraph(nn.Module):
         """A graph for ``prototxt``, with the weights of ``caffemodel`` when given."""
         from verydeep.formats.caffe.caffemodel import read_caffemodel
 
-        graph = cls(read_prototxt(prototxt), input_shape, source=os.fspath(prototxt))
-        if caffemodel is not None:
-            graph.load_blobs(read_caffemodel(caffemodel).blobs, origin=os.fspath(caffemodel))
+        net, source = read_prototxt(prototxt), os.fspath(prototxt)
+        if caffemodel is None:
+            return cls(net, input_shape, source=source)
+        blobs = read_caffemodel(caffemodel).blobs
+        with torch.device("meta"):  # the parameters become the file's arrays: nothing more is allocated
+            graph = cls(net, input_shape, source=source)
+        graph.load_blobs(blobs, origin=os.fspath(caffemodel))
         return graph
 
     # ---- weights
 
     def load_blobs(self, blobs: Mapping[str, Sequence[np.ndarray]], origin: str = "<blobs>") -> None:
-        """Fill parameters from Caffe blobs (layer name -> [weight, bias]), checking each shape.
+        """Fill parameters from Caffe blobs (layer name -> [weight, bias]), checking each shape and
+        that every value is a finite number (:func:`~verydeep.models.build.checked_tensor`).
 
         Caffe's legacy 4-D shapes (fc 1x1xOUTxIN, bias 1x1x1xOUT) are accepted, and fc weights load
         into a convolution of the same size (the dense net) and back.
@@ -357,13 +462,12 @@ class CaffeGraph(nn.Module):
                     f"{origin}: layer {name!r}: expected {len(params)} blobs ({expected}), found {len(arrays)}"
                 )
             for (kind, param), array in zip(params, arrays):
-                array = np.asarray(array, dtype=np.float32)
-                if not shape_fits(array.shape, tuple(param.shape)):
+                if not shape_fits(tuple(array.shape), tuple(param.shape)):
                     raise CaffeFormatError(
                         f"{origin}: layer {name!r}: {kind}: expected shape {format_shape(param.shape)}, "
                         f"found {format_shape(array.shape)}"
                     )
-                value = torch.from_numpy(array.reshape(param.shape))
+                value = checked_tensor(origin, f"layer {name!r}: {kind}", array).reshape(param.shape)
                 if param.is_meta:  # built on the meta device: adopt the array without a copy
                     setattr(module, kind, nn.Parameter(value, requires_grad=param.requires_grad))
                 else:
@@ -381,8 +485,13 @@ class CaffeGraph(nn.Module):
     @classmethod
     def from_saved(cls, meta: Mapping[str, Any], state: Mapping[str, Tensor], source: str = "<saved>") -> CaffeGraph:
         """Rebuild a graph saved as :meth:`meta` + ``state_dict()``."""
-        net = read_prototxt(meta["prototxt"])
-        first = next(iter(meta.get("input_shapes", {}).values()), None)
+        text, shapes = meta.get("prototxt"), meta.get("input_shapes", {})
+        if not (
+            isinstance(text, str) and isinstance(shapes, Mapping) and all(isinstance(s, list) for s in shapes.values())
+        ):
+            raise CaffeFormatError(f"{source}: the saved net's metadata is not a prototxt text with input shapes")
+        net = parse_prototxt(text, source)  # text only: metadata never names a file to read
+        first = next(iter(shapes.values()), None)
         with torch.device("meta"):
             graph = cls(net, first, source=source)
         try:
@@ -468,5 +577,5 @@ def _layer_input_shapes(layer: pb.LayerParameter) -> list[Shape]:
     if layer.type == "MemoryData":
         p = layer.memory_data_param
         return [(p.batch_size, p.channels, p.height, p.width), (p.batch_size,)]
-    crop = layer.transform_param.crop_size
-    return [(1, 3, crop, crop), (1,)] if crop else []
+    crop = layer.transform_param.crop_size  # data layers: the images (cropped, or assumed), a label each
+    return [(1, 3, crop, crop) if crop else DEFAULT_INPUT, (1,)]

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from verydeep.errors import WeightsError
 from verydeep.formats.caffe.caffemodel import read_caffemodel
@@ -30,7 +31,12 @@ def caffe_arrays(blobs: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def load_caffemodel(path: str | os.PathLike[str], prototxt: str | os.PathLike[str] | None = None) -> VGG | CaffeGraph:
-    """A caffemodel (V1 or V2) as a VGG when the net is a Table 1 VGG, else as a CaffeGraph."""
+    """A caffemodel (V1 or V2) as a VGG when the net is a Table 1 VGG, else as a CaffeGraph.
+
+    Memory stays bounded by the file: the reader's arrays hold exactly the bytes the file has, and
+    the model adopts them after checking each one's shape against the net (built on the meta
+    device, so a prototxt claiming more parameters than the file holds allocates nothing).
+    """
     path = Path(path)
     cm = read_caffemodel(path)
     net = read_prototxt(prototxt) if prototxt is not None else None
@@ -46,6 +52,7 @@ def load_caffemodel(path: str | os.PathLike[str], prototxt: str | os.PathLike[st
         raise WeightsError(
             f"{path}: not a known VGG and the file holds no net definition; pass --prototxt deploy.prototxt"
         )
-    graph = CaffeGraph(graph_net, source=str(prototxt or path))
+    with torch.device("meta"):  # the parameters become the file's arrays: nothing more is allocated
+        graph = CaffeGraph(graph_net, source=str(prototxt or path))
     graph.load_blobs(cm.blobs, origin=origin)
     return graph

@@ -11,15 +11,21 @@ This module also builds the Table 1 deploy nets (:func:`vgg_net`) and recognises
 
 from __future__ import annotations
 
+import math
 import os
-from pathlib import Path
+import re
+import stat
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import text_format
 
 from verydeep import configs
+from verydeep.core.atomic import write_text
 from verydeep.errors import CaffeFormatError
 from verydeep.formats.caffe import caffe_pb2 as pb
+from verydeep.models.build import format_shape
 
 NetParameter = pb.NetParameter
 LayerParameter = pb.LayerParameter
@@ -91,6 +97,18 @@ _SEQUENCE_FIELDS = ("include", "exclude", "loss_weight", "blobs")
 
 # ----------------------------------------------------------------------------- reading
 
+#: Largest prototxt read, in bytes. VGG-16's deploy file is 4 KB and even the deepest model-zoo
+#: nets' prototxts stay well under 1 MB; protobuf's Python text parser reads about 1.5 MB/s, so
+#: this bounds a parse to a few seconds and the text held in memory to a few MB.
+MAX_PROTOTXT_BYTES = 4 << 20
+#: Most axes a blob may have: Caffe's own limit (``kMaxBlobAxes``).
+MAX_BLOB_AXES = 32
+#: Most elements in one blob (a declared input or any layer's output). The largest blob of
+#: VGG-16's published deploy net (10 x 3 x 224 x 224 input) is conv1's 10 x 64 x 224 x 224 = 32M;
+#: 2^30 (4 GiB of float32) still admits dense evaluation of one 4096 x 4096 image (conv1:
+#: 64 x 4096 x 4096 = 2^30), and refuses inputs that no memory holds.
+MAX_BLOB_ELEMENTS = 1 << 30
+
 
 def read_prototxt(source: str | os.PathLike[str]) -> NetParameter:
     """Parse a V1 or V2 prototxt (a path, or the text itself) into a validated, normalised V2 net.
@@ -98,45 +116,147 @@ def read_prototxt(source: str | os.PathLike[str]) -> NetParameter:
     A ``str`` containing a newline or ``{`` is taken as the text; anything else as a path.
     Errors are :class:`CaffeFormatError` naming the file and the line (syntax) or the layer.
     """
-    text, name = _load_text(source)
-    net = _parse(text, name)
-    net = upgrade(net, name)
+    return parse_prototxt(*_load_text(source))
+
+
+def parse_prototxt(text: str, name: str = "<prototxt text>") -> NetParameter:
+    """:func:`read_prototxt` of a text (never a path); ``name`` is what errors call it."""
+    if len(text) > MAX_PROTOTXT_BYTES:
+        raise CaffeFormatError(f"{name}: {_too_long(len(text))}")
+    net = upgrade(_parse(text, name), name)
     validate(net, name)
     return net
 
 
 def _load_text(source: str | os.PathLike[str]) -> tuple[str, str]:
+    """The text and the name errors give it; UTF-8 and at most :data:`MAX_PROTOTXT_BYTES`."""
     if isinstance(source, str) and ("\n" in source or "{" in source):
         return source, "<prototxt text>"
     path = os.fspath(source)
     try:
-        return Path(path).read_text(encoding="utf-8"), path
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block open() or never end
+            raise CaffeFormatError(f"{path}: not a regular file; expected a prototxt")
+        with open(path, "rb") as file:
+            data = file.read(MAX_PROTOTXT_BYTES + 1)
     except FileNotFoundError:
         raise CaffeFormatError(f"{path}: no such prototxt file") from None
-    except UnicodeDecodeError:
-        raise CaffeFormatError(f"{path}: expected a text prototxt, found binary data (a .caffemodel?)") from None
     except OSError as e:
-        raise CaffeFormatError(f"{path}: cannot read prototxt: {e.strerror}") from None
+        raise CaffeFormatError(f"{path}: cannot read prototxt: {e.strerror or e}") from None
+    except ValueError as e:  # a NUL character in the path
+        raise CaffeFormatError(f"{path!r}: not a usable path ({e})") from None
+    if len(data) > MAX_PROTOTXT_BYTES:
+        raise CaffeFormatError(f"{path}: {_too_long(os.path.getsize(path))}")
+    try:
+        return data.decode("utf-8"), path
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        binary = b"\0" in data[:1024]
+        hint = "binary data (a .caffemodel? give it as the weights)" if binary else "text in another encoding"
+        raise CaffeFormatError(
+            f"{path}:{line}:{column}: expected UTF-8 text, found byte 0x{data[e.start]:02x} ({hint})"
+        ) from None
+
+
+def _too_long(size: int) -> str:
+    return f"{size:,} bytes is larger than the {MAX_PROTOTXT_BYTES:,} a prototxt may have (a deploy net is a few KB)"
 
 
 def _parse(text: str, name: str) -> NetParameter:
-    """Strict parse; on an unknown field, first look for an unsupported layer type to blame."""
+    """Strict parse; a syntax error inside a layer whose type verydeep does not know (its parameters
+    are missing from the schema, or a V1 enum name is) is reported as that layer's type."""
     net = NetParameter()
     try:
-        text_format.Parse(text, net)
+        text_format.Parse(text, net)  # the schema nests 3 deep, so the parser's recursion is bounded
         return net
     except text_format.ParseError as err:
         line, col = err.GetLine(), err.GetColumn()
-        detail = (str(err).split(" : ", 1)[-1] if line is not None else str(err)).replace("verydeep.caffe.", "caffe.")
+        detail = str(err).split(" : ", 1)[-1] if line is not None else str(err)
+        lines = text.split("\n")  # as protobuf's tokenizer counts them
+        if line is not None and line <= len(lines):  # it quotes the whole line; line:column says where
+            detail = detail.removeprefix(f"'{lines[line - 1]}': ")
+        detail = _clip(detail.replace("verydeep.caffe.", "caffe."))
         where = f"{name}:{line}:{col}" if line else name
-        syntax = CaffeFormatError(f"{where}: syntax error: {detail}")
-    lenient = NetParameter()
-    try:
-        text_format.Parse(text, lenient, allow_unknown_field=True)
-    except text_format.ParseError:
-        raise syntax from None
-    _check_types(upgrade(lenient, name), name)  # raises the clearer error when a type is unsupported
-    raise syntax
+        blamed = _block_at(text, line) if line else None
+    if blamed is not None and blamed.type is not None and not _type_known(blamed.type, blamed.v1):
+        raise CaffeFormatError(_unsupported(name, blamed.name, blamed.type, blamed.v1))
+    raise CaffeFormatError(f"{where}: syntax error: {detail}")
+
+
+#: Longest quote of protobuf's error detail: the reason and the token, not a whole line of input.
+_DETAIL_CHARS = 200
+
+
+def _clip(text: str) -> str:
+    text = "".join(c if c.isprintable() else " " for c in text)
+    return text if len(text) <= _DETAIL_CHARS else text[:_DETAIL_CHARS] + " ..."
+
+
+def _type_known(token: str, v1: bool) -> bool:
+    """Whether a layer's ``type`` token names a type verydeep runs (V1: an enum name)."""
+    return (V1_TO_V2.get(token) if v1 else token) in SUPPORTED_TYPES
+
+
+def _unsupported(source: str, layer: str | None, found: str, v1: bool) -> str:
+    """The one message for a layer type verydeep does not run."""
+    names = [V2_TO_V1[t] for t in SUPPORTED_TYPES if t in V2_TO_V1] if v1 else list(SUPPORTED_TYPES)
+    what = f"layer {layer!r}" if layer is not None else "a layer"
+    kind = f"type {_clip(found)}" if found else "no type"
+    return f"{source}: {what}: {kind} is not supported (supported: {', '.join(names)})"
+
+
+@dataclass
+class _LayerBlock:
+    """A top-level ``layer {}`` / ``layers {}`` block as the text spells it, found without the schema."""
+
+    v1: bool
+    first: int  # lines, 1-based
+    last: int
+    name: str | None = None
+    type: str | None = None
+
+
+#: The text format's tokens, enough to follow blocks: strings never span lines, comments run to the
+#: end of the line, messages open with ``{`` or ``<``.
+_TOKEN = re.compile(
+    r"""(?P<space>\s+)|(?P<comment>\#[^\n]*)"""
+    r"""|(?P<string>"(?:[^"\\\n]|\\[^\n])*"|'(?:[^'\\\n]|\\[^\n])*')"""
+    r"""|(?P<open>[{<])|(?P<close>[}>])|(?P<word>[^\s{}<>:;,\[\]\#"']+)|(?P<other>.)"""
+)
+
+
+def _block_at(text: str, line: int) -> _LayerBlock | None:
+    """The top-level layer block spanning ``line``, with its name and type: one pass over the
+    tokens (no recursion, so any nesting is safe), stopping once past ``line``."""
+    depth, at, block = 0, 1, None
+    key: str | None = None  # the field name whose value comes next
+    for m in _TOKEN.finditer(text):
+        kind, token = m.lastgroup, m.group()
+        if kind == "space":
+            at += token.count("\n")
+            if block is None and at > line:
+                return None
+            continue
+        if kind == "comment" or token == ":":
+            continue
+        if kind == "open":
+            if depth == 0 and key in ("layer", "layers"):
+                block = _LayerBlock(v1=key == "layers", first=at, last=at)
+            depth, key = depth + 1, None
+        elif kind == "close":
+            depth, key = max(depth - 1, 0), None
+            if depth == 0 and block is not None:
+                if block.first <= line <= at:
+                    block.last = at
+                    return block
+                block = None
+        elif key is None and kind == "word":
+            key = token
+        else:
+            if block is not None and depth == 1 and key in ("name", "type") and getattr(block, key) is None:
+                setattr(block, key, token[1:-1] if kind == "string" else token)
+            key = None
+    return block if block is not None and block.first <= line else None
 
 
 # ----------------------------------------------------------------------------- V1 <-> V2
@@ -250,8 +370,8 @@ def format_prototxt(net: NetParameter, version: str = "V2") -> str:
 
 
 def write_prototxt(net: NetParameter, path: str | os.PathLike[str], version: str = "V2") -> None:
-    """Write ``net`` as a V2 or V1 prototxt file."""
-    Path(path).write_text(format_prototxt(net, version), encoding="utf-8")
+    """Write ``net`` as a V2 or V1 prototxt file (atomically: a reader never sees half a net)."""
+    write_text(path, format_prototxt(net, version))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -281,36 +401,237 @@ def active_layers(net: NetParameter) -> list[LayerParameter]:
 
 
 def validate(net: NetParameter, source: str = "<net>") -> None:
-    """Check a normalised net can run: supported types and parameters, every bottom produced earlier."""
+    """Check a normalised net can run in :class:`~verydeep.formats.caffe.graph.CaffeGraph`:
+    supported types, the blobs each layer takes and gives, every bottom produced earlier, declared
+    input shapes, and each layer's parameters in the range the graph computes with. What depends
+    on blob shapes (a kernel larger than its input, an axis past a blob's last) is checked when the
+    graph is built."""
     _check_types(net, source)
+    if len(net.input_shape) > len(net.input):
+        raise CaffeFormatError(f"{source}: {len(net.input_shape)} input_shape entries for {len(net.input)} inputs")
+    for name, shape in zip(net.input, net.input_shape):
+        problem = shape_problem(shape.dim)
+        if problem:
+            raise CaffeFormatError(f"{source}: input {name!r}: shape {format_shape(shape.dim)} {problem}")
     blobs = set(net.input)
+    weighted: set[str] = set()
     for layer in active_layers(net):
         where = f"{source}: layer {layer.name!r} ({layer.type})"
+        problem = _blob_count_problem(layer)
+        if problem:
+            raise CaffeFormatError(f"{where}: {problem}")
         for bottom in layer.bottom:
             if bottom not in blobs:
                 raise CaffeFormatError(f"{where}: bottom {bottom!r} is not produced by an earlier layer or a net input")
-        if layer.type == "Pooling" and layer.pooling_param.pool == pb.PoolingParameter.STOCHASTIC:
-            raise CaffeFormatError(f"{where}: STOCHASTIC pooling is not supported (MAX and AVE are)")
+        problem = next(_PARAMETER_CHECKS.get(layer.type, _no_problems)(layer), None)
+        if problem:
+            raise CaffeFormatError(f"{where}: {problem}")
         if layer.type in ("Convolution", "InnerProduct"):
-            param = layer.convolution_param if layer.type == "Convolution" else layer.inner_product_param
-            if not param.num_output:
-                raise CaffeFormatError(f"{where}: num_output is missing")
-        conv = layer.convolution_param
-        if layer.type == "Convolution" and not (conv.kernel_size or conv.kernel_h):
-            raise CaffeFormatError(f"{where}: kernel_size is missing")
-        if layer.type == "LRN" and layer.lrn_param.local_size % 2 == 0:
-            raise CaffeFormatError(f"{where}: local_size must be odd, found {layer.lrn_param.local_size}")
+            if layer.name in weighted:
+                raise CaffeFormatError(f"{where}: a second layer of this name with weights (they are matched by name)")
+            weighted.add(layer.name)
         blobs.update(layer.top)
 
 
 def _check_types(net: NetParameter, source: str) -> None:
     for layer in active_layers(net):
         if layer.type not in SUPPORTED_TYPES:
-            found = repr(layer.type) if layer.type else "no type"
-            raise CaffeFormatError(
-                f"{source}: layer {layer.name!r}: unsupported layer type {found}; "
-                f"supported: {', '.join(SUPPORTED_TYPES)}"
-            )
+            raise CaffeFormatError(_unsupported(source, layer.name, layer.type, v1=False))
+
+
+def shape_problem(dims: Sequence[object]) -> str | None:
+    """Why a blob of shape ``dims`` cannot be built (None if it can): 1 to :data:`MAX_BLOB_AXES`
+    positive whole dims, at most :data:`MAX_BLOB_ELEMENTS` elements."""
+    if not 1 <= len(dims) <= MAX_BLOB_AXES:
+        return f"has {len(dims)} axes; expected 1 to {MAX_BLOB_AXES}"
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dims):
+        return "has a dim that is not a positive whole number"
+    elements = math.prod(dims)  # type: ignore[arg-type]  # ints, checked above
+    if elements > MAX_BLOB_ELEMENTS:
+        return f"has {elements:,} elements, more than the {MAX_BLOB_ELEMENTS:,} verydeep allows in one blob"
+    return None
+
+
+#: (fewest, most) bottoms and (fewest, most) tops of each type; None: no limit. Input layers take
+#: none and give one or more (data, label, ...).
+_BLOB_COUNTS: dict[str, tuple[tuple[int, int | None], tuple[int, int | None]]] = {
+    **{t: ((1, 1), (1, 1)) for t in ("Convolution", "InnerProduct", "Pooling", "LRN", "ReLU", "Dropout")},
+    **{t: ((1, 1), (1, 1)) for t in ("Softmax", "Flatten")},
+    "Concat": ((1, None), (1, 1)),
+    "Eltwise": ((2, None), (1, 1)),
+    **{t: ((0, 0), (1, None)) for t in INPUT_TYPES},
+}
+
+
+def _blob_count_problem(layer: LayerParameter) -> str | None:
+    for what, found, (least, most) in zip(("bottoms", "tops"), (layer.bottom, layer.top), _BLOB_COUNTS[layer.type]):
+        if len(found) < least or (most is not None and len(found) > most):
+            expected = str(least) if least == most else f"at least {least}" if most is None else f"{least} to {most}"
+            return f"{what}: expected {expected}, found {len(found)}"
+    return None
+
+
+Problems = Iterator[str]
+
+
+def _no_problems(layer: LayerParameter) -> Problems:
+    yield from ()
+
+
+def _size_problems(p: Any, name: str, field: str, minimum: int, required: bool = False) -> Problems:
+    """A 2-D size (``kernel``, ``pad``, ``stride``) given as ``field`` (1 or 2 values) or as
+    ``<name>_h`` + ``<name>_w``, each at least ``minimum``."""
+    h, w = f"{name}_h", f"{name}_w"
+    value = getattr(p, field)
+    count = int(p.HasField(field)) if isinstance(value, int) else len(value)
+    has_h, has_w = p.HasField(h), p.HasField(w)
+    if count > 2:
+        yield f"{field} has {count} values; verydeep runs 2-D layers (1 or 2 values)"
+    elif count and (has_h or has_w):
+        yield f"give {field} or {h}/{w}, not both"
+    elif required and not (count or has_h or has_w):
+        yield f"{field} is missing"
+    elif name == "kernel" and has_h != has_w:
+        yield f"{h} and {w} go together"
+    else:
+        pair = _pair(p, name, minimum)
+        if min(pair) < minimum:
+            yield f"{name} must be at least {minimum}, found {format_shape(pair)}"
+
+
+def _num_output_problems(p: Any) -> Problems:
+    if not p.HasField("num_output"):
+        yield "num_output is missing"
+    elif p.num_output < 1:
+        yield f"num_output must be at least 1, found {p.num_output}"
+
+
+def _axis_problems(name: str, axis: int) -> Problems:
+    if not -MAX_BLOB_AXES <= axis < MAX_BLOB_AXES:
+        yield f"{name} {axis} is out of range (a blob has at most {MAX_BLOB_AXES} axes)"
+
+
+def _finite_problems(p: Any, *fields: str) -> Problems:
+    for field in fields:
+        value = getattr(p, field)
+        if not math.isfinite(value):
+            yield f"{field} must be a finite number, found {value}"
+
+
+def _shape_problems(shapes: Sequence[Sequence[int]], tops: int, what: str) -> Problems:
+    if len(shapes) not in (0, 1, tops):
+        yield f"{what}: expected one shape, or one per top ({tops}), found {len(shapes)}"
+    for dims in shapes:
+        problem = shape_problem(dims)
+        if problem:
+            yield f"{what}: shape {format_shape(dims)} {problem}"
+
+
+def _convolution_problems(layer: LayerParameter) -> Problems:
+    p = layer.convolution_param
+    yield from _num_output_problems(p)
+    yield from _size_problems(p, "kernel", "kernel_size", 1, required=True)
+    yield from _size_problems(p, "pad", "pad", 0)
+    yield from _size_problems(p, "stride", "stride", 1)
+    if len(p.dilation) > 2:
+        yield f"dilation has {len(p.dilation)} values; verydeep runs 2-D layers (1 or 2 values)"
+    if any(d < 1 for d in p.dilation):
+        yield f"dilation must be at least 1, found {format_shape(p.dilation)}"
+    if p.group < 1:
+        yield "group must be at least 1, found 0"
+    elif p.num_output % p.group:
+        yield f"group {p.group} does not divide num_output {p.num_output}"
+    if p.axis != 1:
+        yield f"axis must be 1 (the channels of an N x C x H x W input), found {p.axis}"
+
+
+def _pooling_problems(layer: LayerParameter) -> Problems:
+    p = layer.pooling_param
+    if p.pool == pb.PoolingParameter.STOCHASTIC:
+        yield "STOCHASTIC pooling is not supported (MAX and AVE are)"
+    geometry = pool_geometry(p)
+    if p.global_pooling:
+        if any(p.HasField(f) for f in ("kernel_size", "kernel_h", "kernel_w")):
+            yield "global_pooling takes no kernel size (the kernel is the whole input)"
+        elif geometry["pad"] != (0, 0) or geometry["stride"] != (1, 1):
+            yield "global_pooling needs pad 0 and stride 1"
+        return
+    yield from _size_problems(p, "kernel", "kernel_size", 1, required=True)
+    yield from _size_problems(p, "pad", "pad", 0)
+    yield from _size_problems(p, "stride", "stride", 1)
+    if any(pad >= k for pad, k in zip(geometry["pad"], geometry["kernel"])):
+        yield f"pad {format_shape(geometry['pad'])} must be smaller than the kernel {format_shape(geometry['kernel'])}"
+
+
+def _inner_product_problems(layer: LayerParameter) -> Problems:
+    yield from _num_output_problems(layer.inner_product_param)
+    yield from _axis_problems("axis", layer.inner_product_param.axis)
+
+
+def _lrn_problems(layer: LayerParameter) -> Problems:
+    p = layer.lrn_param
+    if p.local_size % 2 == 0:
+        yield f"local_size must be odd, found {p.local_size}"
+    yield from _finite_problems(p, "alpha", "beta", "k")
+
+
+def _dropout_problems(layer: LayerParameter) -> Problems:
+    ratio = layer.dropout_param.dropout_ratio
+    if not 0 <= ratio < 1:
+        yield f"dropout_ratio must be in [0, 1), found {ratio:g}"
+
+
+def _concat_problems(layer: LayerParameter) -> Problems:
+    p = layer.concat_param
+    if p.HasField("axis") and p.HasField("concat_dim"):
+        yield "give axis or concat_dim, not both"
+    yield from _axis_problems("axis", concat_axis(p))
+
+
+def _eltwise_problems(layer: LayerParameter) -> Problems:
+    p = layer.eltwise_param
+    if p.coeff and p.operation != pb.EltwiseParameter.SUM:
+        yield "coeff is only for operation SUM"
+    if p.coeff and len(p.coeff) != len(layer.bottom):
+        yield f"coeff: expected one per bottom ({len(layer.bottom)}), found {len(p.coeff)}"
+    if not all(math.isfinite(c) for c in p.coeff):
+        yield f"coeff must be finite numbers, found {list(p.coeff)}"
+
+
+def _flatten_problems(layer: LayerParameter) -> Problems:
+    yield from _axis_problems("axis", layer.flatten_param.axis)
+    yield from _axis_problems("end_axis", layer.flatten_param.end_axis)
+
+
+def _dummy_data_problems(layer: LayerParameter) -> Problems:
+    p = layer.dummy_data_param
+    legacy = [list(d) for d in zip(p.num, p.channels, p.height, p.width)]
+    yield from _shape_problems([list(s.dim) for s in p.shape] or legacy, len(layer.top), "dummy_data_param")
+
+
+def _memory_data_problems(layer: LayerParameter) -> Problems:
+    p = layer.memory_data_param
+    yield from _shape_problems([[p.batch_size, p.channels, p.height, p.width]], 1, "memory_data_param")
+
+
+#: The parameter checks of each type (types without parameters the graph uses have none).
+_PARAMETER_CHECKS: dict[str, Callable[[LayerParameter], Problems]] = {
+    "Convolution": _convolution_problems,
+    "Pooling": _pooling_problems,
+    "InnerProduct": _inner_product_problems,
+    "LRN": _lrn_problems,
+    "Dropout": _dropout_problems,
+    "ReLU": lambda layer: _finite_problems(layer.relu_param, "negative_slope"),
+    "Softmax": lambda layer: _axis_problems("axis", layer.softmax_param.axis),
+    "Concat": _concat_problems,
+    "Eltwise": _eltwise_problems,
+    "Flatten": _flatten_problems,
+    "Input": lambda layer: _shape_problems(
+        [list(s.dim) for s in layer.input_param.shape], len(layer.top), "input_param"
+    ),
+    "DummyData": _dummy_data_problems,
+    "MemoryData": _memory_data_problems,
+}
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -338,6 +659,11 @@ def conv_geometry(p: pb.ConvolutionParameter) -> dict[str, tuple[int, int]]:
         "pad": _pair(p, "pad", 0),
         "dilation": (dilation[0], dilation[-1]),
     }
+
+
+def concat_axis(p: pb.ConcatParameter) -> int:
+    """The axis a Concat layer joins along (``concat_dim`` is the legacy spelling)."""
+    return p.concat_dim if p.HasField("concat_dim") and not p.HasField("axis") else p.axis
 
 
 def pool_geometry(p: pb.PoolingParameter) -> dict[str, tuple[int, int]]:
@@ -436,7 +762,10 @@ def vgg_spec(net: NetParameter) -> configs.NetSpec | None:
             if len(specs) == len(layers) and all(_is_table1_layer(l, s, dense) for l, s in zip(layers, specs)):
                 lrn = [l.lrn_param.k for l in layers if l.type == "LRN"]
                 k = lrn[0] if lrn else configs.LRN_DEFAULTS["k"]
-                return configs.NetSpec(config, num_classes, width, k, dense)
+                try:
+                    return configs.NetSpec(config, num_classes, width, k, dense)
+                except ValueError:  # a width NetSpec does not describe (thousands of times VGG's)
+                    return None
     return None
 
 
