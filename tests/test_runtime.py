@@ -231,8 +231,8 @@ def test_native_bf16_follows_cpu_flags(monkeypatch):
 def test_plan_notes_cuda_graphs_need_cuda_and_unknown_precision():
     plan = make_plan("fp32", "cpu", cuda_graphs=True)
     assert not plan.cuda_graphs and any("CUDA graphs need a CUDA device" in n for n in plan.notes)
-    with pytest.raises(VerydeepError, match="unknown precision 'int8'"):
-        make_plan("int8", "cpu")
+    with pytest.raises(VerydeepError, match="unknown precision 'int4'"):
+        make_plan("int4", "cpu")
 
 
 def test_module_surface():

@@ -37,6 +37,17 @@ POOL5_SIZE = 7
 #: Training/test crop size.
 CROP = 224
 
+# -- the bounds every option shares (train's config and the command line check against these) --
+#: The largest rescale (shorter side S or Q): twice the paper's S_max of 512. The crop is 224, so
+#: larger rescales only cost memory (a 32:1 panorama at S = 1024 is 100 MB of pixels).
+MAX_SCALE = 1024
+#: The widest net ``width`` may ask for: 4x the paper's channels is 16x its 138M parameters,
+#: ~35 GB with gradients and momentum, beyond any one GPU; narrow nets (1/16) are for tests.
+MAX_WIDTH = 4.0
+#: Loader processes per rank: each holds a copy of the file list; beyond this they exhaust the
+#: process and file limits long before decoding gets faster (the default is at most 8).
+MAX_LOADER_WORKERS = 256
+
 #: Common names for configurations.
 ALIASES = {"vgg11": "A", "vgg11-lrn": "A-LRN", "vgg13": "B", "vgg16-c": "C", "vgg16": "D", "vgg19": "E"}
 

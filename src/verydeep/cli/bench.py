@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from verydeep import configs
 from verydeep.cli.common import (
     MAX_SCALE,
     add_alias,
@@ -31,8 +32,7 @@ fp32 VGG (the classic net) and to verydeep's exact eager dense view (dense).
 """
 
 
-#: The widest net to time: 4x the paper's channels is 16x its 138M parameters (train's bound).
-MAX_WIDTH = 4.0
+MAX_WIDTH = configs.MAX_WIDTH
 #: torch/onnxruntime/OpenCV threads: more than any machine's cores only adds contention.
 MAX_THREADS = 1024
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from verydeep import configs
 from verydeep.configs import CROP
 from verydeep.core.atomic import file_in_the_way
 from verydeep.core.defaults import CALIBRATION_IMAGES, INFERENCE_PRECISIONS, PRECISIONS
@@ -39,12 +40,7 @@ __all__ = [
 ]
 
 
-#: The largest rescale (shorter side S or Q) a command takes: twice the paper's largest (512).
-#: The crop is 224, so larger rescales only cost memory (the same bound as train's scales).
-MAX_SCALE = 1024
-#: Decoding processes per command: each is a process holding the file list; beyond this they
-#: exhaust the process and file limits long before decoding gets faster (train's bound too).
-MAX_WORKERS = 256
+MAX_SCALE, MAX_WORKERS = configs.MAX_SCALE, configs.MAX_LOADER_WORKERS
 
 
 def _bounds(low: float, high: float | None, low_open: bool = False) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,17 @@ from verydeep.core.atomic import atomic_path
 from verydeep.errors import VerydeepError, WeightsError
 from verydeep.formats.checks import TOLERANCE, ExportReport, ExportRequest, fail, probe, reference, rel_error
 from verydeep.formats.input_space import INPUT_SPACES, fold_input, to_space, unfold_input
-from verydeep.models.build import build_vgg, default_class_names, vgg_spec_from_shapes
+from verydeep.models.build import (
+    build_vgg,
+    candidate_widths,
+    check_claimed,
+    default_class_names,
+    error_reason,
+    format_shape,
+    shape_error,
+    shape_fits,
+    vgg_spec_from_shapes,
+)
 from verydeep.models.vgg import VGG
 
 #: Table 1 configurations torchvision builds (it has no LRN and no 1x1 convolutions).
@@ -96,33 +108,104 @@ def torchvision_model(
     return net
 
 
-def _torch_load(path: Path) -> dict[str, Any]:
+#: Keys under which training checkpoints keep the state dict (``{"state_dict": ..., "epoch": 3}``).
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
+#: Wrappers unwrapped at most (``{"model": {"state_dict": ...}}`` is two): checkpoints nest one
+#: or two deep; the bound keeps a crafted file from sending the search anywhere.
+MAX_WRAPPERS = 4
+
+
+def _short(key: object, limit: int = 40) -> str:
+    text = repr(key)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _zip_claims(path: Path, size: int) -> None:
+    """Refuse a zip ``.pth`` whose members inflate past ``MAX_EXPANSION`` times the file
+    (torch.save stores them uncompressed, torch.load would inflate any): before torch reads it."""
+    import zipfile
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if not zipfile.is_zipfile(path):
+            return  # the legacy (pre-1.6) format: torch.load reads what the file holds
+        with zipfile.ZipFile(path) as z:
+            claimed = sum(i.file_size for i in z.infolist())
+    except Exception as e:  # zipfile raises BadZipFile, NotImplementedError, EOFError, ValueError ...
+        raise WeightsError(f"{path}: not a readable torch file: a damaged zip archive ({error_reason(e)})") from None
+    check_claimed(str(path), "its zip archive", claimed, size)
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict a ``.pth`` holds, read with ``weights_only=True`` (no code is unpickled),
+    unwrapped from a training checkpoint and DistributedDataParallel's ``module.``; every key a
+    name, every value a dense CPU tensor whose data the file holds."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read the file ({e.strerror or error_reason(e)})") from None
+    _zip_claims(path, size)
+    try:
+        with warnings.catch_warnings():
+            # torch warns about the file's internals (its pickle protocol, sparse tensors it
+            # validates); everything it returns is checked below and refused in one line.
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, zip errors, refused globals: all mean "not a plain state dict"
         what = "a pickled object (a whole model?)" if "weights_only" in str(e) else "not a readable torch file"
         raise WeightsError(
-            f"{path}: {what}, not a state dict that loads with weights_only=True ({type(e).__name__}: "
-            f"{_first_sentence(str(e))}); save it with torch.save(model.state_dict(), path)"
+            f"{path}: {what}, not a state dict that loads with weights_only=True ({error_reason(e)}); "
+            "save it with torch.save(model.state_dict(), path)"
         ) from None
-    # Training checkpoints often wrap the state dict.
-    for key in ("state_dict", "model_state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
+    for _ in range(MAX_WRAPPERS):  # training checkpoints wrap the state dict
+        inner = next((obj[k] for k in STATE_DICT_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict)), None)
+        if inner is None:
             break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        obj = inner
+    if not isinstance(obj, dict):
         raise WeightsError(f"{path}: expected a state dict (name -> tensor), found {type(obj).__name__}")
+    if not obj:
+        raise WeightsError(f"{path}: an empty state dict: no tensors")
+    claimed = 0
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            raise WeightsError(f"{path}: key {_short(key)}: expected a parameter name, found {type(key).__name__}")
+        if not isinstance(value, torch.Tensor):
+            raise WeightsError(f"{path}: {_short(key)}: expected a tensor, found {type(value).__name__}")
+        if value.layout != torch.strided or value.device.type != "cpu":
+            where = "a meta tensor (no data)" if value.device.type == "meta" else f"a {value.layout} tensor"
+            raise WeightsError(f"{path}: {_short(key)}: expected a dense tensor, found {where}")
+        nbytes = value.numel() * value.element_size()
+        if nbytes > value.untyped_storage().nbytes():  # a stride-0 view repeating stored values
+            raise WeightsError(
+                f"{path}: {_short(key)}: a {format_shape(value.shape)} view of {value.untyped_storage().nbytes():,} "
+                "stored bytes (an expanded tensor); save a copy: tensor.contiguous()"
+            )
+        claimed += nbytes
+    check_claimed(str(path), "its state dict", claimed, size)
     prefix = "module."  # DistributedDataParallel
-    if obj and all(k.startswith(prefix) for k in obj):
+    if all(k.startswith(prefix) for k in obj):
         obj = {k[len(prefix) :]: v for k, v in obj.items()}
     return obj
 
 
-def _first_sentence(message: str, limit: int = 160) -> str:
-    """The first sentence of an exception's text, without terminal colour codes, cut at a word."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", message).strip().splitlines()[0] if message.strip() else "no message"
-    text = text.split(". ")[0].rstrip(".")
-    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+def _float32(path: Path, key: str, value: torch.Tensor) -> torch.Tensor:
+    """A parameter as float32; an integer or boolean tensor is no weight (converting would hide it)."""
+    if not value.is_floating_point():
+        raise WeightsError(f"{path}: {_short(key)}: expected floating-point values, found dtype {value.dtype}")
+    return value.to(torch.float32)
+
+
+def _kernels(raw: dict[str, torch.Tensor], feats: list[int], path: Path) -> tuple[int, ...]:
+    """The kernel size of each ``features.N`` convolution, each checked to be OUTxINxKxK."""
+    kernels = []
+    for i in feats:
+        shape = tuple(raw[f"features.{i}.weight"].shape)
+        if len(shape) != 4 or shape[2] != shape[3]:
+            raise WeightsError(
+                f"{path}: features.{i}.weight: expected a convolution kernel OUTxINxKxK, found {format_shape(shape)}"
+            )
+        kernels.append(shape[3])
+    return tuple(kernels)
 
 
 def load_torchvision_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -139,17 +222,17 @@ def load_torchvision_state(path: str | os.PathLike) -> tuple[dict[str, torch.Ten
         meta.update(source_format="verydeep-state-dict", file_input_space="caffe")
         spec = _spec_from_verydeep(raw, path)
         meta.update(spec)
-        return {k: v.to(torch.float32) for k, v in raw.items()}, meta
+        return {k: _float32(path, k, v) for k, v in raw.items()}, meta
     if any(k.endswith("running_mean") for k in raw) and any(k.startswith("features.") for k in raw):
         raise WeightsError(f"{path}: a batch-norm VGG (vgg*_bn): not a Table 1 net, not supported")
-    feats = sorted({int(m.group(1)) for k in raw if (m := re.fullmatch(r"features\.(\d+)\.weight", k))})
+    feats = sorted({int(m.group(1)) for k in raw if (m := re.fullmatch(r"features\.(0|[1-9]\d{0,3})\.weight", k))})
     if not feats or "classifier.6.weight" not in raw:
-        sample = ", ".join(list(raw)[:4])
+        sample = ", ".join(_short(k) for k in list(raw)[:4])
         raise WeightsError(
             f"{path}: not a torchvision VGG state dict: expected features.N.weight and classifier.6.weight, "
             f"found {sample}, ..."
         )
-    kernels = tuple(raw[f"features.{i}.weight"].shape[-1] for i in feats)
+    kernels = _kernels(raw, feats, path)
     config = next(
         (
             c
@@ -162,16 +245,37 @@ def load_torchvision_state(path: str | os.PathLike) -> tuple[dict[str, torch.Ten
         raise WeightsError(
             f"{path}: {len(feats)} convolutions with kernels {kernels}: no Table 1 configuration matches"
         )
-    width = raw[f"features.{feats[0]}.weight"].shape[0] / configs.STAGE_CHANNELS[0]
-    num_classes = int(raw["classifier.6.weight"].shape[0])
-    names = torchvision_names(config, width, num_classes)
+    fc8 = tuple(raw["classifier.6.weight"].shape)
+    if len(fc8) != 2 or fc8[0] < 1:
+        raise WeightsError(f"{path}: classifier.6.weight: expected CLASSESxIN, found {format_shape(fc8)}")
+    num_classes = int(fc8[0])
+    names = torchvision_names(config, 1.0, num_classes)  # the names do not depend on the width
     inverse = {v: k for k, v in names.items()}
     missing = sorted(set(inverse) - set(raw))
     extra = sorted(set(raw) - set(inverse))
     if missing or extra:
-        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        what = f"missing {missing[0]}" if missing else f"unexpected {_short(extra[0])}"
         raise WeightsError(f"{path}: torchvision {TORCHVISION_ARCH[config]} state dict: {what}")
-    state = {inverse[k]: v.to(torch.float32) for k, v in raw.items()}
+    widths = candidate_widths(
+        {
+            configs.FC_WIDTH: int(raw["classifier.3.weight"].shape[0]) if raw["classifier.3.weight"].dim() else None,
+            configs.STAGE_CHANNELS[4]: int(raw[f"features.{feats[-1]}.weight"].shape[0]),
+            configs.STAGE_CHANNELS[0]: int(raw[f"features.{feats[0]}.weight"].shape[0]),
+        }
+    )
+
+    def fits(width: float) -> bool:
+        shapes = configs.param_shapes(config, width, num_classes)
+        return all(shape_fits(tuple(raw[tv].shape), shapes[name]) for tv, name in inverse.items())
+
+    if not widths:
+        raise WeightsError(f"{path}: features.{feats[0]}.weight: a convolution without output channels")
+    width = next((w for w in widths if fits(w)), widths[0])
+    shapes = configs.param_shapes(config, width, num_classes)
+    for tv_name, name in inverse.items():  # before unfolding conv1_1, which needs its shape right
+        if not shape_fits(tuple(raw[tv_name].shape), shapes[name]):
+            raise shape_error(f"{path}: {tv_name}", name, shapes[name], tuple(raw[tv_name].shape))
+    state = {name: _float32(path, tv_name, raw[tv_name]).reshape(shapes[name]) for tv_name, name in inverse.items()}
     w, b = unfold_input(state["conv1_1.weight"], state["conv1_1.bias"], "torchvision")
     state["conv1_1.weight"], state["conv1_1.bias"] = w, b
     meta.update(
@@ -191,10 +295,16 @@ def _spec_from_verydeep(state: dict[str, torch.Tensor], path: Path) -> dict[str,
     return {"config": spec.config, "width": spec.width, "num_classes": spec.num_classes}
 
 
-def build_from_meta(state: dict[str, torch.Tensor], meta: dict[str, Any], origin: str) -> VGG:
-    """The VGG that ``meta`` (config, width, num_classes) describes, holding ``state``; eval mode."""
-    spec = NetSpec(meta["config"], meta["num_classes"], meta["width"])
-    model = build_vgg(spec, state, origin=origin, class_names=default_class_names(spec.num_classes))
+def build_from_meta(
+    state: dict[str, torch.Tensor], meta: dict[str, Any], origin: str, absent: Collection[str] = ()
+) -> VGG:
+    """The VGG that ``meta`` (config, width, num_classes) describes, holding ``state``; eval mode.
+    ``absent``: layers the file lacks (NaN, see :func:`verydeep.models.build.state_from_arrays`)."""
+    try:
+        spec = NetSpec(meta["config"], meta["num_classes"], meta["width"])
+    except ValueError as e:  # a width or class count no Table 1 net has
+        raise WeightsError(f"{origin}: {error_reason(e)}") from None
+    model = build_vgg(spec, state, origin=origin, class_names=default_class_names(spec.num_classes), absent=absent)
     return model.eval()
 
 

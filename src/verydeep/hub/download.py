@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,15 @@ from verydeep.errors import WeightsError
 CHUNK = 1 << 20
 #: Open flags that refuse a symbolic link as the last path component (0 where the OS has none).
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+#: The URL schemes verydeep downloads from.
+URL_SCHEMES = ("http", "https", "ftp")
+
+
+def is_url(text: str) -> bool:
+    """Whether a weights argument is a URL to download rather than a local path."""
+    return "://" in text and urllib.parse.urlsplit(text).scheme.lower() in URL_SCHEMES
 
 
 def _stderr(message: str) -> None:

@@ -22,12 +22,11 @@ from verydeep.errors import VerydeepError
 from verydeep.formats.caffe import CaffeGraph, read_caffemodel, read_prototxt, vgg_net, vgg_spec
 from verydeep.formats.safetensors import read_metadata
 from verydeep.hub.cache import cached_path, fetch
+from verydeep.hub.download import is_url
 from verydeep.hub.loader import load
 from verydeep.hub.registry import REGISTRY
 
 PROTOTXT_SUFFIXES = (".prototxt", ".pbtxt", ".txt")
-#: URL schemes :func:`verydeep.hub.loader.load` downloads from.
-URL_SCHEMES = ("http", "https", "ftp")
 #: The paper's input: FLOPs at it are also reported as ``flops_224``, the figure Table 1 readers compare.
 PAPER_INPUT = (1, 3, 224, 224)
 
@@ -51,10 +50,6 @@ def layer_table(graph: CaffeGraph) -> tuple[list[dict[str, Any]], int]:
 def prototxt_version(text: str) -> str:
     """V1 deploy files use ``layers {`` blocks with enum types; V2 ``layer {``."""
     return "V1" if re.search(r"^\s*layers\s*\{", text, re.M) else "V2"
-
-
-def _is_url(text: str) -> bool:
-    return urlsplit(text).scheme.lower() in URL_SCHEMES and "://" in text
 
 
 def _meta_graph(net: Any, source: str) -> CaffeGraph:
@@ -86,7 +81,7 @@ def summarize(source: str | os.PathLike[str], prototxt: str | os.PathLike[str] |
     text = os.fspath(source)
     info: dict[str, Any] = {"source": text}  # as given: a URL must not pass through Path
     spec: NetSpec | None = None
-    if _is_url(text):
+    if is_url(text):
         suffix = Path(urlsplit(text).path).suffix.lower()
         if suffix in PROTOTXT_SUFFIXES:
             raise VerydeepError(f"{text}: verydeep reads a prototxt from a local file; download it first")

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import os
-import re
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from verydeep.core.paths import home
 from verydeep.errors import WeightsError
 from verydeep.formats.caffe.graph import CaffeGraph
 from verydeep.formats.caffe.load import load_caffemodel
 from verydeep.formats.safetensors import load_safetensors
-from verydeep.hub.cache import fetch
-from verydeep.hub.download import download
+from verydeep.hub.cache import fetch, fetch_url
+from verydeep.hub.download import is_url
 from verydeep.hub.registry import REGISTRY
+from verydeep.models.build import error_reason
 from verydeep.models.vgg import VGG
 
 
@@ -62,12 +62,8 @@ def load(
     text = str(source)
     if text in REGISTRY:
         model = load_safetensors(fetch(text, progress=progress))
-    elif re.match(r"^(https?|ftp)://", text):
-        name = text.rstrip("/").rsplit("/", 1)[-1] or "weights"
-        local = home() / "urls" / name
-        if not local.exists():
-            download(text, local, progress=progress)
-        model = load_file(local, prototxt)
+    elif is_url(text):  # cached under a key of the whole URL, locked and re-verified (hub.cache)
+        model = load_file(fetch_url(text, progress=progress), prototxt)
     else:
         model = load_file(Path(text), prototxt)
     model.eval()
@@ -75,9 +71,21 @@ def load(
 
 
 def load_file(path: Path, prototxt: str | os.PathLike[str] | None = None) -> VGG | CaffeGraph:
-    """A local weights file, read by the reader its suffix names (:data:`READERS`)."""
-    if not path.exists():
-        raise WeightsError(f"{path}: no such file (registry names: {', '.join(REGISTRY)})")
+    """A local weights file, read by the reader its suffix names (:data:`READERS`).
+
+    Only a regular file is handed to a reader: a directory fails inside each library in its own
+    words, and a FIFO or device would block the reader's open() or never end.
+    """
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such file (registry names: {', '.join(REGISTRY)})") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else error_reason(e)
+        raise WeightsError(f"{path}: cannot open the file ({reason})") from None
+    if not stat.S_ISREG(mode):
+        what = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise WeightsError(f"{path}: {what}; expected a weights file")
     suffix = path.suffix.lower()
     if prototxt is not None:
         return load_caffemodel(path, prototxt)

@@ -2,14 +2,17 @@
 against the parameter it fills, build the module without paying for a random init.
 
 Every loader (caffemodel, safetensors, torchvision ``.pth``, Keras ``.h5``, a Caffe graph's
-blobs) checks shapes with the one rule :func:`shape_fits`, so a file that loads through one
-format loads through all of them.
+blobs) checks shapes with the one rule :func:`shape_fits`, and every VGG they build passes its
+values through :func:`checked_tensor` (dense, floating point, finite), so a file that loads
+through one format loads through all of them, and a bad one is refused by all for one reason.
+:func:`error_reason` quotes a library's exception inside such a one-line message.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -50,21 +53,46 @@ def format_shape(shape: Sequence[int]) -> str:
     return "x".join(map(str, shape)) or "scalar"
 
 
+def candidate_widths(channels: Mapping[int, int | None]) -> list[float]:
+    """The widths that give the channels found (Table 1's channels -> channels found, None where
+    unknown), widest layer first: a narrow net's channel counts are rounded (VGG at 1/256 has one
+    channel in conv1 and in conv2), so the widest layer tells the width best."""
+    out: list[float] = []
+    for table, found in sorted(channels.items(), reverse=True):
+        if found is not None and found >= 1 and found / table not in out:
+            out.append(found / table)
+    return out
+
+
+def _channels(shape: Sequence[int] | None) -> int | None:
+    return int(shape[0]) if shape is not None and len(shape) > 0 else None
+
+
 def vgg_spec_from_shapes(shapes: Mapping[str, Sequence[int]]) -> NetSpec | None:
     """The Table 1 net whose parameters (Caffe names) have these shapes, or None.
 
-    LRN has no parameters, so A-LRN's parameters read as A's.
+    LRN has no parameters, so A-LRN's parameters read as A's. Any shape is taken (0-d, empty):
+    this only recognises, :func:`state_from_arrays` explains what does not fit.
     """
-    if "conv1_1.weight" not in shapes or "fc8.bias" not in shapes:
-        return None
-    width = shapes["conv1_1.weight"][0] / configs.STAGE_CHANNELS[0]
-    num_classes = int(np.prod(shapes["fc8.bias"]))
-    if width <= 0 or num_classes < 1:
+    fc8 = shapes.get("fc8.bias")
+    num_classes = math.prod(fc8) if fc8 is not None else 0
+    widths = candidate_widths(
+        {
+            configs.FC_WIDTH: _channels(shapes.get("fc7.weight")),
+            configs.STAGE_CHANNELS[4]: _channels(shapes.get("conv5_1.weight")),
+            configs.STAGE_CHANNELS[0]: _channels(shapes.get("conv1_1.weight")),
+        }
+    )
+    if num_classes < 1:
         return None
     for config in configs.TABLE_1:
-        expected = configs.param_shapes(config, width, num_classes)
-        if set(expected) == set(shapes) and all(shape_fits(shapes[k], s) for k, s in expected.items()):
-            return NetSpec(config, num_classes, width)
+        for width in widths:
+            expected = configs.param_shapes(config, width, num_classes)
+            if set(expected) == set(shapes) and all(shape_fits(shapes[k], s) for k, s in expected.items()):
+                try:
+                    return NetSpec(config, num_classes, width)
+                except ValueError:  # a width NetSpec refuses: no Table 1 net
+                    return None
     return None
 
 
@@ -73,25 +101,72 @@ def default_class_names(num_classes: int) -> str | None:
     return IMAGENET if num_classes == 1000 else None
 
 
+def shape_error(origin: str, key: str, expected: Sequence[int], found: Sequence[int]) -> WeightsError:
+    """The one message for an array that does not fit parameter ``key``."""
+    layer, kind = key.rsplit(".", 1)
+    return WeightsError(
+        f"{origin}: layer {layer}: {kind} expected shape {format_shape(expected)}, found {format_shape(found)}"
+    )
+
+
+def checked_tensor(origin: str, key: str, value: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """``value`` as a float32 CPU tensor, refused (naming the tensor) unless it holds real numbers.
+
+    Parameters must be dense floating-point values: an integer, boolean or complex array is not a
+    weight (converting it would hide a wrong file), a sparse or meta tensor holds no dense data.
+    Non-finite values are refused rather than warned about: one NaN or inf in any parameter
+    reaches every score after that layer (ReLU and max pooling pass NaN on), so the net computes
+    nothing usable, and no trained VGG holds one; the error names the tensor to look at.
+    """
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind != "f":
+            raise WeightsError(f"{origin}: {key}: expected floating-point values, found dtype {value.dtype}")
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused below
+            tensor = torch.from_numpy(np.asarray(value, dtype=np.float32))
+    else:
+        if value.layout != torch.strided or value.device.type == "meta":
+            where = "a meta tensor (no data)" if value.device.type == "meta" else f"a {value.layout} tensor"
+            raise WeightsError(f"{origin}: {key}: expected a dense tensor, found {where}")
+        if not value.is_floating_point():
+            raise WeightsError(f"{origin}: {key}: expected floating-point values, found dtype {value.dtype}")
+        tensor = value.detach().to("cpu", torch.float32)
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = tensor.numel() - int(finite.sum())
+        raise WeightsError(
+            f"{origin}: {key}: {bad} of {tensor.numel()} values are NaN or infinite; a net with them computes "
+            "no usable score"
+        )
+    return tensor
+
+
 def state_from_arrays(
-    arrays: Mapping[str, np.ndarray | torch.Tensor], model: nn.Module, origin: str
+    arrays: Mapping[str, np.ndarray | torch.Tensor],
+    model: nn.Module,
+    origin: str,
+    *,
+    absent: Collection[str] = (),
 ) -> dict[str, torch.Tensor]:
     """Match ``arrays`` to ``model``'s parameters by name, each checked with :func:`shape_fits`
-    and reshaped to the parameter's shape. Errors name the file, the layer, expected and found."""
+    and :func:`checked_tensor` and reshaped to the parameter's shape. Errors name the file, the
+    layer, expected and found.
+
+    Layers in ``absent`` are ones the file does not hold (a Keras file saved without its top):
+    their parameters are NaN, so that no score computed through them can pass for a real one.
+    """
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     state: dict[str, torch.Tensor] = {}
     for key, shape in expected.items():
         layer, kind = key.rsplit(".", 1)
+        if layer in absent:
+            state[key] = torch.full(shape, float("nan"))
+            continue
         if key not in arrays:
             raise WeightsError(f"{origin}: layer {layer}: missing {kind} (expected shape {format_shape(shape)})")
         value = arrays[key]
-        found = tuple(value.shape)
-        if not shape_fits(found, shape):
-            raise WeightsError(
-                f"{origin}: layer {layer}: {kind} expected shape {format_shape(shape)}, found {format_shape(found)}"
-            )
-        tensor = torch.as_tensor(value) if isinstance(value, np.ndarray) else value
-        state[key] = tensor.reshape(shape).to(torch.float32)
+        if not shape_fits(tuple(value.shape), shape):
+            raise shape_error(origin, key, shape, tuple(value.shape))
+        state[key] = checked_tensor(origin, key, value).reshape(shape)
     extra = sorted({k.rsplit(".", 1)[0] for k in arrays} - {k.rsplit(".", 1)[0] for k in expected})
     if extra:
         raise WeightsError(f"{origin}: layer {extra[0]}: has weights but no such layer in the net")
@@ -104,11 +179,52 @@ def build_vgg(
     *,
     origin: str = "weights",
     class_names: Sequence[str] | str | None = None,
+    absent: Collection[str] = (),
 ) -> VGG:
     """A VGG for ``spec`` whose parameters are ``arrays`` (checked; no random init is paid for),
-    or with uninitialised (meta) parameters when ``arrays`` is None."""
+    or with uninitialised (meta) parameters when ``arrays`` is None. ``absent``: layers the file
+    lacks, filled with NaN (see :func:`state_from_arrays`)."""
     with torch.device("meta"):
         model = VGG(spec.config, spec.num_classes, spec.width, lrn_k=spec.lrn_k, class_names=class_names)
     if arrays is not None:
-        model.load_state_dict(state_from_arrays(arrays, model, origin), strict=True, assign=True)
+        model.load_state_dict(state_from_arrays(arrays, model, origin, absent=absent), strict=True, assign=True)
     return model
+
+
+#: Bytes of tensors a weights file may claim per byte it holds. A format may compress (a zip
+#: member of a ``.pth``, a gzip-filtered HDF5 dataset), but trained weights are noise in their
+#: low bits and shrink to about 90%; 16x allows any honest compression and refuses bombs (deflate
+#: reaches 1032x) and views that repeat one stored value (stride 0) before they are expanded.
+MAX_EXPANSION = 16
+
+#: Longest library error text quoted in a message: the first sentence is the reason, the rest
+#: (stack-like detail, hex dumps) would not fit on the one line the CLI prints.
+REASON_CHARS = 160
+
+
+def check_claimed(origin: str, what: str, claimed: int, size: int) -> None:
+    """Refuse ``claimed`` bytes of tensors from a file of ``size`` bytes beyond :data:`MAX_EXPANSION`."""
+    if claimed > MAX_EXPANSION * max(size, 1):
+        raise WeightsError(
+            f"{origin}: {what} claims {claimed:,} bytes, more than {MAX_EXPANSION}x the file's {size:,} bytes"
+        )
+
+
+def error_reason(error: BaseException) -> str:
+    """``TypeName: first sentence`` of a library's exception, one printable line, never empty.
+
+    Library messages may be empty, span lines, carry terminal colour codes or control
+    characters, or be only punctuation; whatever they are, the loaders' own one-line message
+    must survive quoting them.
+    """
+    try:
+        text = str(error)
+    except Exception:  # a broken __str__ must not take the error path down with it
+        text = ""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    line = "".join(c if c.isprintable() else " " for c in line).split(". ")[0].strip().rstrip(".")
+    if len(line) > REASON_CHARS:
+        line = line[:REASON_CHARS].rsplit(" ", 1)[0] + " ..."
+    name = type(error).__name__
+    return f"{name}: {line}" if line.strip(" .") else name

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from verydeep.configs import TABLE_1, canonical, layer_specs
+from verydeep.configs import MAX_LOADER_WORKERS, MAX_SCALE, MAX_WIDTH, TABLE_1, canonical, layer_specs
 from verydeep.core.atomic import write_text
 from verydeep.core.defaults import PRECISIONS
 from verydeep.data.images import quoted, read_text
@@ -166,15 +166,7 @@ CROP, MIN_CROP = 224, 193
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
-#: The largest training scale S and test scale Q: twice the paper's S_max of 512. The crop is
-#: 224, so larger rescales only cost memory (a 32:1 panorama at S = 1024 is 100 MB of pixels).
-MAX_SCALE = 1024
-#: The widest net ``width`` may ask for: 4x the paper's channels is 16x its 138M parameters,
-#: ~35 GB with gradients and momentum, beyond any one GPU; narrow nets (1/16) are for tests.
-MAX_WIDTH = 4.0
-#: Loader processes per rank: each is a process with a copy of the file list; beyond this they
-#: exhaust the process and file limits long before decoding gets faster (the default is at most 8).
-MAX_WORKERS = 256
+MAX_WORKERS = MAX_LOADER_WORKERS
 #: The longest warm-up, in epochs: longer than any run (the paper's has 74 epochs), and small
 #: enough that warmup x steps per epoch stays a finite number of steps.
 MAX_WARMUP = 1e6
