@@ -1,4 +1,4 @@
-"""bf16 (and fp32) fast path against the exact fp32 path on real photos.
+"""bf16, int8 (and fp32) fast paths against the exact fp32 path on real photos.
 
     python benchmarks/fidelity.py [--weights vgg16] [--images DIR] [--out results/fidelity.json]
 
@@ -11,6 +11,8 @@ set agreement (same five classes) and whether fp32's top-1 is in the fast path's
 dense net, the same on the spatially averaged score map. ``--weights`` measures a real model;
 without it the net is VGG-16 with random He-initialised weights (state which in the results:
 rounding errors are similar, agreement rates on a random net are not those of a trained one).
+int8 is calibrated on ``--calibration DIR``, else on the photos themselves (as ``classify`` does
+without ``--calibration``).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ def main() -> int:
     ap.add_argument("--weights")
     ap.add_argument("--images")
     ap.add_argument("--dense", type=int, default=384)
+    ap.add_argument("--calibration", help="int8: calibration images (default: the photos themselves)")
     ap.add_argument("--out")
     args = ap.parse_args()
     from verydeep.data.preprocess import center_crop_caffe, rescale, to_caffe, to_uint8_chw
@@ -86,8 +89,12 @@ def main() -> int:
         ref = torch.cat([model(x[i : i + 8]) for i in range(0, len(x), 8)])
         ref_dense = [model.dense()(b[None]).mean(dim=(2, 3)) for b in bigs]
     report = {"weights": weights, "photos": used, "source": folder, "dense_q": args.dense, "precisions": {}}
-    for precision in ("bf16", "fp32"):
-        fast = model.optimized(precision)
+    from verydeep.data.calibration import calibration_images
+
+    calibration = calibration_images(args.calibration, 32) if args.calibration else x
+    report["calibration"] = args.calibration or "the photos themselves"
+    for precision in ("bf16", "int8", "fp32"):
+        fast = model.optimized(precision, calibration=calibration if precision == "int8" else None)
         y = torch.cat([fast(x[i : i + 8]) for i in range(0, len(x), 8)])
         yd = torch.cat([fast.dense()(b[None]).mean(dim=(2, 3)) for b in bigs])
         report["precisions"][precision] = {

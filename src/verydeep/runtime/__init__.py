@@ -22,6 +22,11 @@ several times faster. :func:`optimize` plans once and removes those:
   max pooling of even sizes is two ``maximum`` passes over the NHWC view (about twice ATen's
   channels-last kernel in bf16). In bf16/fp16 the fc weights are pre-packed for oneDNN with
   the ReLU fused; in fp32 fc layers are MKL GEMMs on the model's own tensors (no copy).
+* **int8** (CPU, x86): static quantization calibrated on the caller's images
+  (:mod:`.int8`): per-channel int8 weights, per-tensor uint8 activations, oneDNN's int8 conv
+  and fc kernels with bias, ReLU and requantization fused; activations stay uint8 up to fc8.
+  The CPU's class (:data:`~.capabilities.CPU_CLASSES`, from its flags) picks the plan's row in
+  :data:`~.plan.CPU_PLANS` and gives int8 activations 7 bits where there is no VNNI/AMX.
 * **GPU**: channels-last bf16/fp16 weights converted once; each conv+bias+ReLU is one fused
   cuDNN call (``cudnn_convolution_relu``, 1.3-3x the separate kernels); conv1_1's 3 input
   channels are zero-padded to 16 so it gets a tensor-core kernel (exact: zeros meet zeros);
@@ -46,6 +51,7 @@ The modules, split by what each decides or runs (each imports only modules liste
 - :mod:`.cuda`: the GPU's pieces (:func:`triton_max_pool`, cuDNN's fused conv+ReLU, the TF32 and
   autotuning flags, :class:`~verydeep.runtime.cuda.CudaGraphs`); Triton is imported on first use.
 - :mod:`.cpu`: the CPU's pieces (oneDNN weight packing and fused calls, :func:`max_pool_nhwc`).
+- :mod:`.int8`: int8 calibration (:class:`~.int8.Calibration`, :func:`~.int8.calibrate`).
 - :mod:`.plan`: :class:`Plan`, :func:`make_plan` and the measurements behind its choices.
 - :mod:`.source`: the model read through a typed view (the runtime sits below ``models``).
 - :mod:`.compiled`: the ``torch.compile`` variant and :func:`compile_cache_dir`.
@@ -56,14 +62,16 @@ Splitting per device keeps each backend's kernels, and the measurements that cho
 place; the executor is the same for every plan.
 """
 
-from verydeep.runtime.capabilities import cpu_flags, cpu_model, native, onednn_available
+from verydeep.runtime.capabilities import cpu_class, cpu_flags, cpu_model, native, onednn_available
 from verydeep.runtime.compiled import compile_cache_dir
 from verydeep.runtime.cpu import max_pool_nhwc
 from verydeep.runtime.cuda import tf32_off, triton_max_pool
 from verydeep.runtime.executor import FastDenseVGG, FastVGG, optimize
+from verydeep.runtime.int8 import CALIBRATION_IMAGES, Calibration
 from verydeep.runtime.plan import (
     BLOCKED_STAGES,
     CACHE_BYTES,
+    CPU_PLANS,
     CUDA_PLAN,
     MAX_GRAPHS,
     TOLERANCE,
@@ -75,13 +83,17 @@ from verydeep.runtime.plan import (
 __all__ = [
     "BLOCKED_STAGES",
     "CACHE_BYTES",
+    "CALIBRATION_IMAGES",
+    "CPU_PLANS",
     "CUDA_PLAN",
     "MAX_GRAPHS",
     "TOLERANCE",
+    "Calibration",
     "FastDenseVGG",
     "FastVGG",
     "Plan",
     "compile_cache_dir",
+    "cpu_class",
     "cpu_flags",
     "cpu_model",
     "effective_precision",
