@@ -67,12 +67,21 @@ def rel(found, expected) -> float:
 
 
 class Server:
-    """Serves ``files`` with Range support; ``cut_after`` bytes ends a response early."""
+    """Serves ``files`` on 127.0.0.1 with Range support. ``cut_after`` bytes ends the next response
+    early; while :attr:`gate` is cleared, every response stops after its first :attr:`CHUNK` bytes
+    until it is set again (so a second client arrives while the first is mid-download)."""
+
+    CHUNK = 1 << 16
+    #: Seconds a held response waits for the gate at most.
+    HOLD = 180
 
     def __init__(self, files: dict[str, bytes]):
         self.files = files
         self.cut_after: int | None = None
         self.ranges: list[str | None] = []
+        self.requests: list[str] = []
+        self.gate = threading.Event()
+        self.gate.set()
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -84,6 +93,7 @@ class Server:
                 if body is None:
                     self.send_error(404)
                     return
+                owner.requests.append(self.path)
                 rng = self.headers.get("Range")
                 owner.ranges.append(rng)
                 start = int(rng.split("=")[1].rstrip("-")) if rng else 0
@@ -96,6 +106,11 @@ class Server:
                 if owner.cut_after is not None:
                     payload = payload[: owner.cut_after]
                     owner.cut_after = None
+                if not owner.gate.is_set():
+                    self.wfile.write(payload[: owner.CHUNK])
+                    self.wfile.flush()
+                    owner.gate.wait(owner.HOLD)
+                    payload = payload[owner.CHUNK :]
                 self.wfile.write(payload)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -104,6 +119,7 @@ class Server:
         self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
     def close(self):
+        self.gate.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 

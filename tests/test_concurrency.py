@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import photo, random_vgg
+from helpers import Server, photo, random_vgg
 
 from verydeep import hub
 from verydeep.cli import main
@@ -44,51 +44,6 @@ WAITING = "waiting for another verydeep process"
 BUSY = "is being written by another verydeep process"
 #: Seconds a round may take before the test gives up (the machine may be busy).
 PATIENCE = 180
-
-
-class GatedServer:
-    """Serves ``files`` (with Range support); every response stops after its first chunk until
-    :attr:`gate` is set, so a second client arrives while the first is mid-download."""
-
-    CHUNK = 1 << 16
-
-    def __init__(self, files: dict[str, bytes]) -> None:
-        self.files = files
-        self.gate = threading.Event()
-        self.requests: list[str] = []
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                body = owner.files.get(self.path.lstrip("/"))
-                if body is None:
-                    self.send_error(404)
-                    return
-                owner.requests.append(self.path)
-                rng = self.headers.get("Range")
-                start = int(rng.split("=")[1].rstrip("-")) if rng else 0
-                self.send_response(206 if rng else 200)
-                self.send_header("Content-Length", str(len(body) - start))
-                if rng:
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                self.end_headers()
-                self.wfile.write(body[start : start + owner.CHUNK])
-                self.wfile.flush()
-                owner.gate.wait(PATIENCE)
-                self.wfile.write(body[start + owner.CHUNK :])
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def close(self) -> None:
-        self.gate.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def python(code: str, *args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -148,7 +103,7 @@ FETCH_URL = (
 
 def test_two_processes_on_one_url_download_it_once_and_both_load_it(tmp_path, weights_file):
     url_name = "models/vgg16-narrow.safetensors"
-    server = GatedServer({url_name: weights_file})
+    server = Server({url_name: weights_file})
     try:
         for r in range(ROUNDS):
             cache = tmp_path / f"home{r}"
@@ -201,7 +156,7 @@ LOAD_VGG16 = (
 
 def test_two_registry_downloads_at_once_both_succeed(tmp_path, published_caffemodel):
     body, md5 = published_caffemodel
-    server = GatedServer({"VGG_ILSVRC_16_layers.caffemodel": body})
+    server = Server({"VGG_ILSVRC_16_layers.caffemodel": body})
     try:
         for r in range(ROUNDS):
             cache = tmp_path / f"home{r}"
@@ -327,7 +282,7 @@ def test_evaluate_refuses_a_scores_file_another_process_writes(tmp_path, narrow_
 @pytest.fixture
 def server(weights_file, tmp_path):
     other = save_safetensors(random_vgg("A", num_classes=4, seed=3), tmp_path / "other.safetensors").read_bytes()
-    s = GatedServer({"x/model.safetensors": weights_file, "y/model.safetensors": other})
+    s = Server({"x/model.safetensors": weights_file, "y/model.safetensors": other})
     s.gate.set()  # no holding back
     yield s
     s.close()
@@ -357,7 +312,7 @@ def test_a_grown_or_truncated_cache_entry_is_fetched_again(server, weights_file,
 def test_a_grown_registry_file_is_converted_again(tmp_path, published_caffemodel, monkeypatch, capsys):
     body, md5 = published_caffemodel
     monkeypatch.setitem(hub.REGISTRY, "vgg16", dataclasses.replace(hub.REGISTRY["vgg16"], size=len(body), md5=md5))
-    s = GatedServer({"VGG_ILSVRC_16_layers.caffemodel": body})
+    s = Server({"VGG_ILSVRC_16_layers.caffemodel": body})
     s.gate.set()
     monkeypatch.setenv("VERYDEEP_MIRROR", s.base)
     try:
@@ -404,7 +359,7 @@ def test_a_symlinked_cache_entry_is_replaced_by_a_verified_file(server, weights_
 def test_a_symlinked_registry_file_is_replaced(tmp_path, published_caffemodel, monkeypatch, capsys):
     body, md5 = published_caffemodel
     monkeypatch.setitem(hub.REGISTRY, "vgg16", dataclasses.replace(hub.REGISTRY["vgg16"], size=len(body), md5=md5))
-    s = GatedServer({"VGG_ILSVRC_16_layers.caffemodel": body})
+    s = Server({"VGG_ILSVRC_16_layers.caffemodel": body})
     s.gate.set()
     monkeypatch.setenv("VERYDEEP_MIRROR", s.base)
     try:
