@@ -3,7 +3,7 @@
 The images are preprocessed as the center-crop protocol does (shorter side to 256, the central
 224x224, Caffe's BGR minus the mean pixel), so the ranges calibration measures are the ranges the
 net sees in use. Unreadable files are skipped (and counted); the first ``count`` readable images
-in file-name order are used, so a run is repeatable.
+in file-name order (or the order of the command's inputs) are used, so a run is repeatable.
 """
 
 from __future__ import annotations
@@ -19,10 +19,13 @@ from verydeep.errors import ImageError, VerydeepError
 
 
 def calibration_images(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], count: int) -> torch.Tensor:
-    """Up to ``count`` images of ``source`` (a folder, list file or image, or a list of those) as
-    a Caffe-space N x 3 x 224 x 224 batch; one line of error when none can be read."""
-    sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
-    paths = sorted({p for s in sources for p in resolve_inputs(s)})
+    """Up to ``count`` images of ``source`` as a Caffe-space N x 3 x 224 x 224 batch: a folder,
+    list file or image (resolved, in file-name order), or a sequence of image paths (taken in its
+    order, as a command's own inputs come); one line of error when none can be read."""
+    if isinstance(source, (str, os.PathLike)):
+        paths: Sequence[str | os.PathLike[str]] = sorted(resolve_inputs(source))
+    else:
+        paths = source  # already image paths: no need to stat every one of a 50,000-image set
     crops: list[torch.Tensor] = []
     first_error = ""
     for path in paths:
