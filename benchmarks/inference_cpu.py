@@ -36,6 +36,7 @@ def main() -> int:
     ap.add_argument("--dense", type=int, default=384)
     ap.add_argument("--baselines", default="torchvision,onnxruntime,opencv")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--direct", action="store_true", help="also fp32 with oneDNN's direct 3x3 kernels (no Winograd)")
     ap.add_argument("--arch", default="D")
     ap.add_argument("--out", help="write the JSON report here")
     ap.add_argument(
@@ -82,6 +83,7 @@ def measure(args: argparse.Namespace) -> dict:
         baselines=[b for b in args.baselines.split(",") if b],
         threads=args.threads,
         compile=args.compile,
+        direct=args.direct,
         calibration=args.calibration,
         device="cpu",
     )

@@ -57,7 +57,7 @@ def _header_lines(report: dict[str, Any]) -> list[str]:
     for p, plan in report["plans"].items():
         isa = f" ({plan['isa']} CPU class)" if plan.get("isa") else ""
         lines.append(
-            f"plan {p}: {plan['dtype']} on {plan['device']}{isa}, conv {plan['conv']}, fc {plan['linear']}, "
+            f"plan {p}: {plan['dtype']} on {plan['device']}{isa}, conv {conv_kernels(plan)}, fc {plan['linear']}, "
             f"pool {plan['pool']}, cache blocking {plan['cache_bytes'] >> 20} MiB"
             + (", CUDA graphs" if plan["cuda_graphs"] else "")
             + (", torch.compile" if plan["compile"] else "")
@@ -65,6 +65,14 @@ def _header_lines(report: dict[str, Any]) -> list[str]:
         )
         lines += [f"  note: {note}" for note in plan["notes"]]
     return lines
+
+
+def conv_kernels(plan: dict[str, Any]) -> str:
+    """The plan's convolution kernels in words: Winograd's tile sizes for the 3x3 layers it takes."""
+    if not plan.get("winograd"):
+        return plan["conv"]
+    tiles = "/".join(f"F({m}x{m},3x3)" for m in plan["winograd"])
+    return f"3x3 winograd {tiles}, others {plan['conv']}"
 
 
 def _row(r: dict[str, Any], mem_key: str) -> list[str]:

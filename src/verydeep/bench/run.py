@@ -22,6 +22,7 @@ from verydeep import configs
 from verydeep.bench.engines import FOREIGN_ENGINES, Call, Engine, torch_call
 from verydeep.bench.machine import OthersLoad, RssSampler, cpu_busy, machine_info
 from verydeep.bench.nets import dense_flops, random_model, torchvision_twin
+from verydeep.bench.report import conv_kernels
 from verydeep.core.defaults import INFERENCE_PRECISIONS, default_device
 from verydeep.core.numerics import relative_error
 from verydeep.errors import VerydeepError
@@ -57,6 +58,7 @@ class BenchOptions:
     device: str | None = None
     threads: int | None = None
     compile: bool = False
+    direct: bool = False  # also fp32 with oneDNN's direct 3x3 kernels (no Winograd)
     seed: int = 0
     calibration: str | None = None  # int8: a folder of images; None: generated images
     calibration_images: int = CALIBRATION_IMAGES
@@ -166,7 +168,7 @@ def calibration_batch(options: BenchOptions, device: torch.device) -> torch.Tens
 def plan_summary(plan: dict[str, Any]) -> str:
     """A plan in a few words: instruction set, dtype, and the kernel of each layer class."""
     isa = f"{plan['isa']} " if plan.get("isa") else ""
-    return f"{isa}{plan['dtype']}: conv {plan['conv']}, fc {plan['linear']}"
+    return f"{isa}{plan['dtype']}: conv {conv_kernels(plan)}, fc {plan['linear']}"
 
 
 def fast_engines(
@@ -176,20 +178,24 @@ def fast_engines(
     calibration: torch.Tensor | None,
     say: Callable[[str], None],
 ) -> tuple[list[Engine], dict[str, Any]]:
-    """``model.optimized(precision)`` for each precision (and its compiled variant if asked), and
-    their plans by precision (``bf16+compile`` for a compiled one)."""
+    """``model.optimized(precision)`` for each precision (and its compiled variant, and fp32's
+    direct-kernel variant, if asked), and their plans by precision (``bf16+compile``, ``fp32+direct``)."""
     engines, plans = [], {}
-    variants = [("verydeep", "", False)] + ([("verydeep+compile", "+compile", True)] if options.compile else [])
+    variants: list[tuple[str, str, dict[str, Any]]] = [("verydeep", "", {})]
+    if options.compile:
+        variants.append(("verydeep+compile", "+compile", {"compile": True}))
+    if options.direct:
+        variants.append(("verydeep+direct", "+direct", {"winograd": False}))
     for p in options.precisions:
         calibrating = ""
         if p == "int8" and calibration is not None:
             calibrating = f" (calibrating on {calibration.shape[0]} images)"
         say(f"building verydeep {p}{calibrating}")
-        for name, suffix, compiled in variants:
-            if compiled and p == "int8":
-                continue  # int8 runs oneDNN's kernels directly; there is no compiled variant
+        for name, suffix, kwargs in variants:
+            if ("compile" in kwargs and p == "int8") or ("winograd" in kwargs and p != "fp32"):
+                continue  # int8 runs oneDNN's kernels directly; Winograd is fp32's only
             t0 = time.perf_counter()
-            fast = optimize(model, p, device=device, compile=compiled, calibration=calibration)
+            fast = optimize(model, p, device=device, calibration=calibration, **kwargs)
             plan = fast.plan.to_dict()
             engines.append(Engine(name, p, fast, fast.dense(), time.perf_counter() - t0, {"dtype": fast.plan.dtype},
                                   plan_summary(plan)))  # fmt: skip

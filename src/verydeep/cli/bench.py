@@ -52,7 +52,7 @@ def _dense_scale(text: str) -> int:
 #: BenchOptions field -> the command-line option it comes from (the same name but for two).
 SAME_NAME = ("weights", "prototxt", "arch", "width", "num_classes", "repeats", "warmup", "baselines", "device")
 FROM_ARGS = {
-    **{name: name for name in (*SAME_NAME, "threads", "compile", "calibration", "calibration_images")},
+    **{name: name for name in (*SAME_NAME, "threads", "compile", "direct", "calibration", "calibration_images")},
     "batches": "batch",
     "precisions": "precision",
 }
@@ -115,6 +115,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="comma-separated: torchvision, exact, onnxruntime, opencv (default: torchvision,onnxruntime,opencv)",
     )
     p.add_argument("--compile", action="store_true", help="also measure the torch.compile variant of each precision")
+    p.add_argument(
+        "--direct", action="store_true", help="also measure fp32 with oneDNN's direct 3x3 kernels instead of Winograd"
+    )
     threads = f"torch/onnxruntime/OpenCV threads, 1..{MAX_THREADS} (default: torch's)"
     p.add_argument("--threads", type=int_range(1, MAX_THREADS), metavar="N", help=threads)
     p.add_argument("--device", default=None, help="torch device (cpu, cuda, cuda:1); default: cuda if available")

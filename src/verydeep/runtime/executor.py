@@ -341,6 +341,7 @@ def optimize(
     cache_bytes: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     calibration: torch.Tensor | Calibration | None = None,
+    winograd: bool | None = None,
 ) -> FastVGG:
     """The fast inference module for ``model`` (see :mod:`verydeep.runtime`).
 
@@ -349,7 +350,9 @@ def optimize(
     fp16 within 1e-2. ``compile=True`` uses ``torch.compile`` with freezing instead of the
     pre-packed plan (kernels cached under :func:`~verydeep.runtime.compiled.compile_cache_dir`);
     ``cuda_graphs`` defaults to on for CUDA devices; ``cache_bytes`` overrides the CPU
-    cache-blocking budget.
+    cache-blocking budget. In fp32 on CPU the 3x3 layers run Winograd F(4x4)/F(2x2)
+    (:mod:`verydeep.runtime.winograd`), within the same 1e-5; ``winograd=False`` keeps oneDNN's
+    direct kernel.
 
     ``precision="int8"`` is static quantization (:mod:`verydeep.runtime.int8`): ``calibration``
     is N x 3 x 224 x 224 Caffe-space images like the ones to be classified (the first
@@ -361,8 +364,9 @@ def optimize(
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     plan = make_plan(
-        precision, dev, compile=compile, cuda_graphs=cuda_graphs, fallback=fallback, cache_bytes=cache_bytes
-    )
+        precision, dev, compile=compile, cuda_graphs=cuda_graphs, fallback=fallback, cache_bytes=cache_bytes,
+        winograd=winograd,
+    )  # fmt: skip
     if plan.dtype != "int8":
         return FastVGG(model, plan, cache_dir=cache_dir)
     if calibration is None:

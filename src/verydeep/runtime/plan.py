@@ -23,6 +23,7 @@ from verydeep.runtime.capabilities import (
     onednn_linear_available,
 )
 from verydeep.runtime.cuda import cudnn_conv_relu_available, triton_available
+from verydeep.runtime.winograd import winograd_kernel
 
 #: Largest relative logit error (max |a - b| / max |b|) each precision is held to.
 #: int8's bound is for the logits of a net whose activations were calibrated on images like the
@@ -49,6 +50,13 @@ CUDA_PLAN: dict[str, Any] = {"conv": "cudnn-relu", "pool": "triton", "pad_channe
 _MISSING_ON_CPU = {"bf16": "no AMX/avx512_bf16", "fp16": "no AMX-FP16", "int8": "no oneDNN int8 kernels for it"}
 
 
+#: fp32 3x3 convolutions on CPU: Winograd F(4x4,3x3), or F(2x2,3x3) where a call has too few
+#: tiles for F(4x4) (:mod:`.winograd`). 2 cores of an Ice Lake-SP, VGG-16's 3x3 layers against
+#: oneDNN's direct kernel: F(4x4) 1.4-2.9x at batch 16, 1.8-2.4x at batch 1 but for conv5
+#: (0.7x, F(2x2) 1.1-1.2x); logits within 3e-6 of float64.
+WINOGRAD: tuple[int, ...] = (4, 2)
+
+
 @dataclass(frozen=True)
 class CpuPlan:
     """The choices that depend on the CPU class (:data:`~verydeep.runtime.capabilities.CPU_CLASSES`)."""
@@ -56,18 +64,21 @@ class CpuPlan:
     cache_bytes: int  # see CACHE_BYTES
     blocked_stages: int  # see BLOCKED_STAGES
     measured_on: str  # the CPU the values were measured on, or why they are the defaults
+    winograd: tuple[int, ...] = WINOGRAD  # fp32 3x3 layers: the Winograd tile sizes used, () = direct
 
 
 #: Per CPU class. Values not measured on a class are the defaults, and say so: cache blocking
-#: depends on the L2 size (1.25-2 MiB per core on every class listed), not on the instruction set.
+#: depends on the L2 size (1.25-2 MiB per core on every class listed), not on the instruction set;
+#: the Winograd kernel is compiled for the machine's own vector width. ``generic`` (ARM, x86
+#: without AVX2) has no Winograd: the kernel calls the BLAS of PyTorch's x86 builds.
 CPU_PLANS: dict[str, CpuPlan] = {
     "amx": CpuPlan(CACHE_BYTES, BLOCKED_STAGES, "Sapphire Rapids, 2 cores (bf16 and fp32)"),
     "avx512-bf16": CpuPlan(CACHE_BYTES, BLOCKED_STAGES, "not measured: the defaults"),
-    "avx512-vnni": CpuPlan(CACHE_BYTES, BLOCKED_STAGES, "Ice Lake-SP, 2 cores (fp32 and int8)"),
+    "avx512-vnni": CpuPlan(CACHE_BYTES, BLOCKED_STAGES, "Ice Lake-SP, 2 cores (fp32, Winograd and int8)"),
     "avx512": CpuPlan(CACHE_BYTES, BLOCKED_STAGES, "not measured: the defaults"),
     "avx2-vnni": CpuPlan(CACHE_BYTES, BLOCKED_STAGES, "not measured: the defaults"),
     "avx2": CpuPlan(CACHE_BYTES, BLOCKED_STAGES, "not measured: the defaults"),
-    "generic": CpuPlan(CACHE_BYTES, BLOCKED_STAGES, "not measured: the defaults"),
+    "generic": CpuPlan(CACHE_BYTES, BLOCKED_STAGES, "not measured: the defaults", winograd=()),
 }
 
 
@@ -91,6 +102,7 @@ class Plan:
     isa: str = ""  # the CPU class the plan was chosen for ("" on other devices)
     blocked_stages: int = BLOCKED_STAGES
     int8_levels: int = 0  # int8: the top activation code (255, or 127 without an int8 dot product)
+    winograd: tuple[int, ...] = ()  # 3x3 convs: Winograd tile sizes m of F(m x m, 3 x 3), largest first; () = direct
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,6 +124,7 @@ class _Kernels:
     isa: str = ""
     blocked_stages: int = BLOCKED_STAGES
     int8_levels: int = 0
+    winograd: tuple[int, ...] = ()
 
 
 def _compute_dtype(precision: str, dev: torch.device, fallback: bool, notes: list[str]) -> str:
@@ -126,7 +139,20 @@ def _compute_dtype(precision: str, dev: torch.device, fallback: bool, notes: lis
     return "fp32"
 
 
-def _cpu_kernels(dev: torch.device, dtype: str, compile: bool, cache_bytes: int | None, notes: list[str]) -> _Kernels:
+def _winograd(cpu: CpuPlan, dtype: str, wanted: bool | None, notes: list[str]) -> tuple[int, ...]:
+    """The Winograd tile sizes for fp32 3x3 layers: the class's, when the kernel could be built."""
+    if dtype != "fp32" or wanted is False or not cpu.winograd:
+        return ()
+    kernel, why = winograd_kernel()
+    if kernel is None:
+        notes.append(f"{why}: oneDNN's direct kernel for the 3x3 layers")
+        return ()
+    return cpu.winograd
+
+
+def _cpu_kernels(
+    dev: torch.device, dtype: str, compile: bool, cache_bytes: int | None, winograd: bool | None, notes: list[str]
+) -> _Kernels:
     if compile and dtype == "int8":
         notes.append("torch.compile is not used for int8: oneDNN's int8 kernels run directly")
     elif compile:
@@ -151,10 +177,13 @@ def _cpu_kernels(dev: torch.device, dtype: str, compile: bool, cache_bytes: int 
         cache_bytes=budget,
         isa=isa,
         blocked_stages=cpu.blocked_stages,
+        winograd=_winograd(cpu, dtype, winograd, notes) if prepack else (),
     )
 
 
-def _cuda_kernels(dev: torch.device, dtype: str, compile: bool, cache_bytes: int | None, notes: list[str]) -> _Kernels:
+def _cuda_kernels(
+    dev: torch.device, dtype: str, compile: bool, cache_bytes: int | None, winograd: bool | None, notes: list[str]
+) -> _Kernels:
     if compile:
         return _Kernels()
     conv, pool = CUDA_PLAN["conv"], CUDA_PLAN["pool"]
@@ -170,12 +199,14 @@ def _cuda_kernels(dev: torch.device, dtype: str, compile: bool, cache_bytes: int
     )
 
 
-def _other_kernels(dev: torch.device, dtype: str, compile: bool, cache_bytes: int | None, notes: list[str]) -> _Kernels:
+def _other_kernels(
+    dev: torch.device, dtype: str, compile: bool, cache_bytes: int | None, winograd: bool | None, notes: list[str]
+) -> _Kernels:
     return _Kernels()
 
 
 #: Device type -> how its kernels are chosen (ATen's everywhere else, e.g. MPS).
-_KERNELS: dict[str, Callable[[torch.device, str, bool, int | None, list[str]], _Kernels]] = {
+_KERNELS: dict[str, Callable[[torch.device, str, bool, int | None, bool | None, list[str]], _Kernels]] = {
     "cpu": _cpu_kernels,
     "cuda": _cuda_kernels,
 }
@@ -189,6 +220,7 @@ def make_plan(
     cuda_graphs: bool | None = None,
     fallback: bool = True,
     cache_bytes: int | None = None,
+    winograd: bool | None = None,
 ) -> Plan:
     """Decide the execution for ``precision`` on ``device``.
 
@@ -197,14 +229,16 @@ def make_plan(
     reduced-precision path on any machine). ``compile=None`` means "where it pays off", which
     is nowhere we measured: on CPU the pre-packed oneDNN plan beat inductor's freezing output,
     on GPU the fused cuDNN + Triton plan beat the compiled net (``benchmarks/RESULTS.md``).
-    ``cache_bytes`` overrides :data:`CACHE_BYTES` (0 turns cache blocking off).
+    ``cache_bytes`` overrides :data:`CACHE_BYTES` (0 turns cache blocking off). ``winograd=False``
+    keeps oneDNN's direct kernel for fp32 3x3 layers; ``None`` uses :data:`WINOGRAD` where the
+    CPU class has it and the kernel could be built (both are exact to the fp32 budget).
     """
     if precision not in INFERENCE_PRECISIONS:
         raise VerydeepError(f"unknown precision {precision!r}; expected one of {', '.join(INFERENCE_PRECISIONS)}")
     dev = torch.device(device)
     notes: list[str] = []
     dtype = _compute_dtype(precision, dev, fallback, notes)
-    kernels = _KERNELS.get(dev.type, _other_kernels)(dev, dtype, bool(compile), cache_bytes, notes)
+    kernels = _KERNELS.get(dev.type, _other_kernels)(dev, dtype, bool(compile), cache_bytes, winograd, notes)
     cuda = dev.type == "cuda"
     if cuda_graphs and not cuda:
         notes.append("CUDA graphs need a CUDA device: off")
@@ -224,6 +258,7 @@ def make_plan(
         isa=kernels.isa,
         blocked_stages=kernels.blocked_stages,
         int8_levels=kernels.int8_levels,
+        winograd=kernels.winograd,
         cuda_graphs=cuda if cuda_graphs is None else bool(cuda_graphs and cuda),
         compile=bool(compile) and dtype != "int8",
         notes=tuple(notes),

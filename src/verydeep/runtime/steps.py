@@ -38,6 +38,7 @@ from verydeep.runtime.cuda import cudnn_conv_relu, triton_max_pool
 from verydeep.runtime.int8 import Calibration
 from verydeep.runtime.plan import Plan
 from verydeep.runtime.source import as_source, bias_of, child, conv_padding
+from verydeep.runtime.winograd import Winograd, winograd_applies
 
 
 # -- the steps -------------------------------------------------------------------------------------
@@ -73,6 +74,7 @@ class ConvStep(Step):
     padding: int
     pool_next: bool = False  # the fused ReLU is followed by a pool
     quantized: Quantized | None = None
+    winograd: Winograd | None = None  # fp32 3x3 on CPU: the Winograd kernel instead of ``weight``'s
 
 
 @dataclass(eq=False)
@@ -158,6 +160,10 @@ def _conv_step(
     pad = conv_padding(conv)
     if first and plan.pad_channels > w.shape[1]:  # zero input channels: exact
         w = F.pad(w, (0, 0, 0, 0, 0, plan.pad_channels - w.shape[1]))
+    if plan.winograd and winograd_applies(tuple(w.shape), conv.stride[0], pad, conv.dilation[0], conv.groups):
+        wino = Winograd(w, b, plan.winograd)
+        wino.weights(plan.winograd[0])  # the common case's transform now, not on the first call
+        return ConvStep(spec.name, relu=relu, weight=w, bias=b, padding=pad, pool_next=pool_next, winograd=wino)
     if plan.conv == "onednn-prepacked":
         w = pack_conv_weight(w, pad, spec.in_channels, hw)
     elif plan.channels_last:
@@ -258,6 +264,8 @@ class Kernels:
                 self._codes(q, x), q.x_scale, q.x_zero_point, s.weight, q.w_scale, q.w_zero_point, s.bias,
                 s.padding, s.scale, relu=relu, out_float=not relu or not s.scale,
             )  # fmt: skip
+        if s.winograd is not None:
+            return s.winograd(x, relu=relu)
         if self.plan.conv == "onednn-prepacked":
             return onednn_conv(x, s.weight, s.bias, s.padding, relu=relu)
         if relu and self.plan.conv == "cudnn-relu":
