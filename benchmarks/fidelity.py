@@ -1,6 +1,6 @@
 """bf16, int8 (and fp32) fast paths against the exact fp32 path on real photos.
 
-    python benchmarks/fidelity.py [--weights vgg16] [--images DIR] [--out results/fidelity.json]
+    python benchmarks/fidelity.py [--weights vgg16] [--images DIR] [--precision fp32 ...] [--out results/fidelity.json]
 
 Photos: ``--images DIR`` (any folder of JPEG/PNG), else scikit-image's bundled sample images
 (``skimage.data``'s folder, if scikit-image is installed; RESULTS.md says how they were obtained
@@ -64,6 +64,7 @@ def main() -> int:
     ap.add_argument("--images")
     ap.add_argument("--dense", type=int, default=384)
     ap.add_argument("--calibration", help="int8: calibration images (default: the photos themselves)")
+    ap.add_argument("--precision", nargs="+", default=["bf16", "int8", "fp32"], choices=["bf16", "int8", "fp32"])
     ap.add_argument("--out")
     args = ap.parse_args()
     from verydeep.data.preprocess import center_crop_caffe, rescale, to_caffe, to_uint8_chw
@@ -93,12 +94,13 @@ def main() -> int:
 
     calibration = calibration_images(args.calibration, 32) if args.calibration else x
     report["calibration"] = args.calibration or "the photos themselves"
-    for precision in ("bf16", "int8", "fp32"):
+    for precision in args.precision:
         fast = model.optimized(precision, calibration=calibration if precision == "int8" else None)
         y = torch.cat([fast(x[i : i + 8]) for i in range(0, len(x), 8)])
         yd = torch.cat([fast.dense()(b[None]).mean(dim=(2, 3)) for b in bigs])
         report["precisions"][precision] = {
             "plan_dtype": fast.plan.dtype,
+            "winograd": list(fast.plan.winograd),
             "classic": stats(y, ref),
             "dense": stats(yd, torch.cat(ref_dense)),
         }

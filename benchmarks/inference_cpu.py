@@ -11,6 +11,11 @@ adds the ``torch.compile`` (freezing) variant, whose first call (compilation) is
 to the OS and page-faults them back in every call); to see it, run once more with
 ``MALLOC_MMAP_THRESHOLD_=17179869184 MALLOC_TRIM_THRESHOLD_=17179869184`` in the environment
 (RESULTS.md has both).
+
+An AVX2 machine can be approximated on an AVX-512 one (a proxy, not a measurement of one):
+``MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` limit PyTorch's
+libraries and ``--march haswell`` the Winograd kernel to AVX2 + FMA; onnxruntime and OpenCV
+have no such switch and keep AVX-512, so they are stronger peers than on a real AVX2 CPU.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ import time
 
 from verydeep.bench import BenchOptions, cpu_busy, format_report, run_bench
 from verydeep.core.atomic import write_text
+from verydeep.runtime import winograd
+
+#: Environment variables that change what is measured, recorded with the report.
+ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")
 
 
 def main() -> int:
@@ -38,6 +47,7 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--direct", action="store_true", help="also fp32 with oneDNN's direct 3x3 kernels (no Winograd)")
     ap.add_argument("--arch", default="D")
+    ap.add_argument("--march", help="build the Winograd kernel for this -march instead of native (see AVX2 below)")
     ap.add_argument("--out", help="write the JSON report here")
     ap.add_argument(
         "--quiet-wait",
@@ -57,8 +67,11 @@ def main() -> int:
             break
         print(f"bench: others used {100 * busy:.0f}% of the CPUs: measuring again", file=sys.stderr)
     report["environment"] = {
-        k: os.environ[k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD") if k in os.environ
+        k: os.environ[k]
+        for k in (*ENVIRONMENT, "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+        if k in os.environ
     }
+    report["environment"]["winograd_cflags"] = " ".join(winograd.CFLAGS)
     print(format_report(report))
     if args.out:
         write_text(args.out, json.dumps(report, indent=2) + "\n")
@@ -73,6 +86,8 @@ def wait_quiet(limit: float) -> None:
 
 
 def measure(args: argparse.Namespace) -> dict:
+    if args.march:
+        winograd.CFLAGS = tuple(f"-march={args.march}" if f == "-march=native" else f for f in winograd.CFLAGS)
     options = BenchOptions(
         arch=args.arch,
         batches=args.batch,

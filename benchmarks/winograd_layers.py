@@ -6,7 +6,9 @@ For each 3x3 convolution shape of VGG-16 it times the fp32 plan's two kernels: o
 convolution on a pre-packed weight (ReLU fused) and verydeep's fused Winograd kernel
 (``verydeep.runtime.winograd``) with F(2x2,3x3) and with F(4x4,3x3), and reports each one's
 relative error against float64. These are the measurements behind the plan's tile-size rule
-(``MIN_TILES``) and ``MAX_BLOCK_TILES`` (benchmarks/RESULTS.md).
+(``MIN_TILES``) and ``MAX_BLOCK_TILES`` (benchmarks/RESULTS.md). With ``--march haswell`` and
+``MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2`` both kernels are limited to AVX2 + FMA
+(a proxy for an AVX2 CPU on an AVX-512 one).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 import time
 
@@ -22,10 +25,12 @@ import torch.nn.functional as F
 
 from verydeep.core.atomic import write_text
 from verydeep.core.numerics import relative_error
-from verydeep.runtime import cpu_model
+from verydeep.runtime import cpu_model, winograd
 from verydeep.runtime.cpu import onednn_conv, pack_conv_weight
 from verydeep.runtime.winograd import Winograd, winograd_kernel
 
+#: What limits MKL, oneDNN and ATen to an instruction set (recorded with the results).
+LIMITS = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 #: VGG-16's 3x3 layer shapes (in, out, size), one per distinct shape.
 LAYERS = [(64, 64, 224), (64, 128, 112), (128, 128, 112), (128, 256, 56), (256, 256, 56), (256, 512, 28),
           (512, 512, 28), (512, 512, 14)]  # fmt: skip
@@ -46,8 +51,11 @@ def main() -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--march", help="build the kernel for this -march instead of native (an AVX2 proxy: haswell)")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.march:
+        winograd.CFLAGS = tuple(f"-march={args.march}" if f == "-march=native" else f for f in winograd.CFLAGS)
     if args.threads:
         torch.set_num_threads(args.threads)
     if winograd_kernel()[0] is None:
@@ -83,7 +91,17 @@ def main() -> int:
             ), flush=True)  # fmt: skip
     if args.out:
         write_text(
-            args.out, json.dumps({"cpu": cpu_model(), "threads": torch.get_num_threads(), "rows": rows}, indent=2)
+            args.out,
+            json.dumps(
+                {
+                    "cpu": cpu_model(),
+                    "threads": torch.get_num_threads(),
+                    "cflags": " ".join(winograd.CFLAGS),
+                    "environment": {k: os.environ[k] for k in LIMITS if k in os.environ},
+                    "rows": rows,
+                },
+                indent=2,
+            ),  # fmt: skip
         )
     return 0
 

@@ -91,6 +91,18 @@ def test_an_image_gives_the_same_bits_in_any_batch_and_thread_count(m, h, w):
     assert torch.equal(whole, one_thread)
 
 
+@needs_kernel
+@pytest.mark.parametrize("m", [2, 4])
+def test_nan_in_is_nan_out(m):
+    """A NaN pixel is not hidden by the fused ReLU (as with torch's relu)."""
+    wt, b = layer(16, 16)
+    x = activations(1, 16, 12, 12)
+    x[0, 3, 5, 6] = float("nan")
+    ref = reference(x, wt, b, relu=True)
+    y = Winograd(wt, b)(x, relu=True, m=m)
+    assert ref.isnan().any() and y[ref.isnan()].isnan().all()
+
+
 def test_tile_size_depends_on_the_map_only():
     assert tile_size(28, 28) == 4  # 49 F(4x4) tiles
     assert tile_size(14, 14) == 2  # 16: too few for F(4x4)'s GEMMs
@@ -156,6 +168,7 @@ def test_the_built_kernel_is_cached_per_machine(monkeypatch, tmp_path):
     monkeypatch.setattr(winograd, "_LIB", winograd._Library())
     assert winograd_kernel()[0] is not None
     (built,) = (tmp_path / "kernels").glob("winograd-*.so")
+    assert built.with_suffix(".sha256").is_file()
 
     def no_compiler(*args):
         raise AssertionError("compiled again")
@@ -164,6 +177,36 @@ def test_the_built_kernel_is_cached_per_machine(monkeypatch, tmp_path):
     monkeypatch.setattr(winograd, "_build", no_compiler)
     assert winograd_kernel()[0] is not None
     assert list((tmp_path / "kernels").glob("winograd-*.so")) == [built]
+
+
+@needs_kernel
+def test_a_damaged_cached_build_is_rebuilt(monkeypatch, tmp_path):
+    """A damaged library in the cache is built again, not loaded (dlopen of a truncated ELF
+    file dies of SIGBUS)."""
+    monkeypatch.setenv("VERYDEEP_HOME", str(tmp_path / "a"))
+    monkeypatch.setattr(winograd, "_LIB", winograd._Library())
+    assert winograd_kernel()[0] is not None
+    (built,) = (tmp_path / "a" / "kernels").glob("winograd-*.so")
+    damaged = tmp_path / "b" / "kernels" / built.name  # the same key in a cache this process has not loaded
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(built.read_bytes()[:1000])
+    damaged.with_suffix(".sha256").write_text(built.with_suffix(".sha256").read_text())  # what it should be
+    monkeypatch.setenv("VERYDEEP_HOME", str(tmp_path / "b"))
+    monkeypatch.setattr(winograd, "_LIB", winograd._Library())
+    kernel, why = winograd_kernel()
+    assert kernel is not None and why == ""
+    assert damaged.read_bytes() == built.read_bytes()
+
+
+def test_an_unwritable_cache_keeps_the_direct_kernel(monkeypatch, tmp_path):
+    if "avx2" not in cpu_flags():
+        pytest.skip("the kernel is only built on x86 CPUs with AVX2")
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("VERYDEEP_HOME", str(tmp_path / "afile" / "home"))
+    monkeypatch.setattr(winograd, "_LIB", winograd._Library())
+    kernel, why = winograd_kernel()
+    assert kernel is None and "afile" in why
+    assert make_plan("fp32", "cpu").winograd == ()
 
 
 # -- the whole net -----------------------------------------------------------------------------

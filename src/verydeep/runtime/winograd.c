@@ -86,7 +86,7 @@ static inline void at4(const vf *d, vf *o) {
             AT(row, o);                                                                                  \
             for (int q = 0; q < MM && q0 + q < W; q++) {                                                 \
                 vf out = o[q] + b0;                                                                      \
-                if (relu) out = (vf)((vi)out & (out > zero));                                           \
+                if (relu) out = (vf)((vi)out & ~(out < zero));                                          \
                 *(vf *)(y + (((long)n * H + p0 + p) * W + q0 + q) * K + k0) = out;                       \
             }                                                                                            \
         }                                                                                                \

@@ -36,8 +36,9 @@ from pathlib import Path
 
 import torch
 
-from verydeep.core.atomic import atomic_path
+from verydeep.core.atomic import atomic_path, write_text
 from verydeep.core.paths import home
+from verydeep.errors import VerydeepError
 from verydeep.runtime.capabilities import cpu_flags
 
 #: G of F(m x m, 3 x 3) (the weight transform, applied here in float64 once per layer); the
@@ -107,6 +108,10 @@ def _build(source: bytes, compiler: str, target: Path) -> None:
                 raise OSError(f"{Path(compiler).name} failed: {last}")
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _load() -> None:
     text = resources.files("verydeep.runtime").joinpath(_SOURCE).read_bytes()
     compiler = _compiler()
@@ -117,9 +122,14 @@ def _load() -> None:
                     str(_torch_lib()).encode(), " ".join(sorted(cpu_flags())).encode()])
     ).hexdigest()[:16]  # fmt: skip
     target = home() / "kernels" / f"winograd-{key}.so"
-    if not target.is_file():
+    digest = target.with_suffix(".sha256")
+    # dlopen of a damaged library can kill the process (SIGBUS), so a cached build is loaded only
+    # if its bytes are the ones recorded when it was built.
+    if not (target.is_file() and digest.is_file() and digest.read_text().strip() == _sha256(target)):
         _build(text, compiler, target)
-    fn = ctypes.CDLL(str(target)).verydeep_winograd
+        write_text(digest, _sha256(target))
+    library = ctypes.CDLL(str(target))
+    fn = library.verydeep_winograd
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, *[ctypes.c_int] * 4, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
                    ctypes.c_int, ctypes.c_void_p, *[ctypes.c_int] * 3, ctypes.c_void_p]  # fmt: skip
@@ -137,7 +147,7 @@ def winograd_kernel() -> tuple[Kernel | None, str]:
             else:
                 try:
                     _load()
-                except (OSError, AttributeError, subprocess.SubprocessError) as e:
+                except (OSError, VerydeepError, AttributeError, subprocess.SubprocessError) as e:
                     _LIB.why_not = f"the Winograd kernel could not be built: {e}"
         return _LIB.fn, _LIB.why_not
 
