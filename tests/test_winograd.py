@@ -227,3 +227,19 @@ def test_full_vgg16_with_winograd_within_1e5_of_float64():
         model.float()
     assert rel(fast(x), ref) <= 1e-5
     assert rel(fast.dense()(xd), ref_dense) <= 1e-5
+
+
+@needs_kernel
+def test_bench_times_winograd_and_the_direct_kernels_side_by_side():
+    from verydeep.bench import run_bench
+
+    report = run_bench(
+        arch="A", width=1 / 4, num_classes=10, batches=(2,), precisions=("fp32",), dense=None,
+        repeats=1, warmup=0, baselines=("torchvision",), direct=True,
+    )  # fmt: skip
+    rows = {r["engine"]: r for r in report["results"]}
+    assert list(report["plans"]["fp32"]["winograd"]) == [4, 2] and not report["plans"]["fp32+direct"]["winograd"]
+    assert "3x3 winograd F(4x4,3x3)/F(2x2,3x3)" in rows["verydeep"]["plan"]
+    assert "winograd" not in rows["verydeep+direct"]["plan"]
+    for name in ("verydeep", "verydeep+direct"):
+        assert rows[name]["rel_error"] <= 1e-5 and rows[name]["images_per_s"] > 0
