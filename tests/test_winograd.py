@@ -14,7 +14,18 @@ from verydeep.runtime import plan as plan_module
 from verydeep.runtime.capabilities import cpu_flags
 from verydeep.runtime.winograd import Winograd, tile_size, winograd_kernel
 
-needs_kernel = pytest.mark.skipif(winograd_kernel()[0] is None, reason=winograd_kernel()[1] or "no kernel")
+
+@pytest.fixture
+def kernel():
+    """The compiled kernel, built (on the first use in this process) inside the test's own
+    ``VERYDEEP_HOME``; the test is skipped where it cannot be built, with the reason."""
+    fn, why = winograd_kernel()
+    if fn is None:
+        pytest.skip(why)
+    return fn
+
+
+needs_kernel = pytest.mark.usefixtures("kernel")
 
 #: Largest relative error (max |a - b| / max |b|) of one layer against float64, per tile size.
 #: Measured on VGG-16's shapes: F(2x2) up to 6.8e-7 (the direct kernel: up to 2.3e-6), F(4x4)
