@@ -50,10 +50,10 @@ CUDA_PLAN: dict[str, Any] = {"conv": "cudnn-relu", "pool": "triton", "pad_channe
 _MISSING_ON_CPU = {"bf16": "no AMX/avx512_bf16", "fp16": "no AMX-FP16", "int8": "no oneDNN int8 kernels for it"}
 
 
-#: fp32 3x3 convolutions on CPU: Winograd F(4x4,3x3), or F(2x2,3x3) where a call has too few
-#: tiles for F(4x4) (:mod:`.winograd`). 2 cores of an Ice Lake-SP, VGG-16's 3x3 layers against
-#: oneDNN's direct kernel: F(4x4) 1.4-2.9x at batch 16, 1.8-2.4x at batch 1 but for conv5
-#: (0.7x, F(2x2) 1.1-1.2x); logits within 3e-6 of float64.
+#: fp32 3x3 convolutions on CPU: Winograd F(4x4,3x3), or F(2x2,3x3) on maps too small for it
+#: (:func:`.winograd.tile_size`). 2 cores of an Ice Lake-SP, VGG-16's 3x3 layers against oneDNN's
+#: direct kernel: F(4x4) 1.4-3.1x at batch 16 and 1.6-2.8x at batch 1, except one 14x14 conv5
+#: map (0.66x; F(2x2) 1.03x); VGG-16's logits within 3e-6 of float64 (benchmarks/RESULTS.md).
 WINOGRAD: tuple[int, ...] = (4, 2)
 
 

@@ -13,10 +13,10 @@ exposes it) nor MKL offers such a kernel, so it is compiled here, once per machi
 compiler PyTorch's own ``torch.compile`` also needs; without one the plan keeps oneDNN's direct
 kernel and says why.
 
-Exactness (``tests/test_winograd.py``, VGG-16's layer shapes against float64): F(2x2) is as
-exact as the direct kernel (5e-7 per layer); F(4x4)'s larger interpolation points cost up to
-1.3e-5 per layer relative to the layer's largest output, but VGG-16's logits stay within 3e-6
-of float64, inside the fp32 budget of 1e-5.
+Exactness (``tests/test_winograd.py``, VGG-16's layer shapes against float64): F(2x2) is more
+exact than the direct kernel (3e-7 to 7e-7 per layer, direct 7e-7 to 2.3e-6); F(4x4)'s larger
+interpolation points cost up to 1.6e-5 per layer relative to the layer's largest output, but
+VGG-16's logits stay within 3e-6 of float64, inside the fp32 budget of 1e-5.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ MAX_BLOCK_TILES = 128
 #: smaller one. The choice depends on the map alone, not on the batch or the thread count, so an
 #: image's result is the same bits in any batch (each tile's GEMM row is computed the same way
 #: whatever the block). Below it the GEMMs are too short: one 14x14 image on 2 threads of an Ice
-#: Lake-SP, F(4x4)'s 16 tiles ran at 0.73x the direct kernel and F(2x2)'s 49 at 1.2x; at batch
-#: 16 F(4x4) would be 2.2x there and F(2x2) is 1.65x, 3% of the net's time given up for that.
+#: Lake-SP, F(4x4)'s 16 tiles ran at 0.66x the direct kernel and F(2x2)'s 49 at 1.03x; at batch
+#: 16 F(4x4) would be 2.2x there and F(2x2) is 1.6x, 3% of the net's time given up for that.
 MIN_TILES = 32
 #: How the kernel is built: -march=native for the machine it runs on (the library is cached per
 #: CPU), OpenMP from the runtime PyTorch loaded, no -ffast-math (sums must not be reassociated).
