@@ -469,3 +469,8 @@ def test_full_size_vgg16_equals_opencv(full_vgg16):
     err = rel_error(ours, fc8)
     print(f"full VGG-16 fc8 relative error vs OpenCV: {err:.2e}")
     assert err <= 1e-5
+    # The fp32 fast path (Winograd for the 3x3 layers where the kernel can be built) too.
+    fast = model.optimized("fp32")
+    fast_err = rel_error(fast(torch.from_numpy(x)).numpy(), fc8)
+    print(f"fast path (Winograd tiles {fast.plan.winograd}) fc8 relative error vs OpenCV: {fast_err:.2e}")
+    assert fast_err <= 1e-5
