@@ -23,7 +23,7 @@ from verydeep.bench.engines import FOREIGN_ENGINES, Call, Engine, torch_call
 from verydeep.bench.machine import OthersLoad, RssSampler, cpu_busy, machine_info
 from verydeep.bench.nets import dense_flops, random_model, torchvision_twin
 from verydeep.bench.report import conv_kernels
-from verydeep.core.defaults import INFERENCE_PRECISIONS, default_device
+from verydeep.core.defaults import check_inference_precision, default_device
 from verydeep.core.numerics import relative_error
 from verydeep.errors import VerydeepError
 from verydeep.formats.export import probe
@@ -67,8 +67,7 @@ class BenchOptions:
         for name in ("batches", "precisions", "baselines"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for p in self.precisions:
-            if p not in INFERENCE_PRECISIONS:
-                raise VerydeepError(f"unknown precision {p!r}; expected some of {', '.join(INFERENCE_PRECISIONS)}")
+            check_inference_precision(p)
         if self.calibration_images < 1:
             raise VerydeepError(f"--calibration-images {self.calibration_images}: must be at least 1")
         unknown = [b for b in self.baselines if b not in BASELINES]

@@ -26,6 +26,15 @@ INFERENCE_PRECISIONS: tuple[str, ...] = (*PRECISIONS, *QUANTIZED)
 MAX_WORKERS = 8
 
 
+def check_inference_precision(precision: str) -> str:
+    """``precision`` if an inference command accepts it, else a one-line error naming the choices."""
+    if precision not in INFERENCE_PRECISIONS:
+        from verydeep.errors import VerydeepError
+
+        raise VerydeepError(f"unknown precision {precision!r}; expected one of {', '.join(INFERENCE_PRECISIONS)}")
+    return precision
+
+
 def dtype_of(precision: str) -> torch.dtype:
     """The torch dtype of a precision name (``"bf16"`` -> ``torch.bfloat16``)."""
     import torch

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from verydeep.configs import CROP
-from verydeep.core.defaults import INFERENCE_PRECISIONS, QUANTIZED, dtype_of
+from verydeep.core.defaults import QUANTIZED, check_inference_precision, dtype_of
 from verydeep.data.preprocess import rescale, to_caffe
 from verydeep.errors import VerydeepError
 from verydeep.evaluate.protocols import Protocol, crop_boxes
@@ -176,8 +176,7 @@ def forwards(
     exists, else autocast (not for int8, which only the fast path computes; it is calibrated on
     ``calibration``). Callers may pass their own ``forward``/``dense_forward``.
     """
-    if precision not in INFERENCE_PRECISIONS:
-        raise VerydeepError(f"unknown precision {precision!r}; expected one of {', '.join(INFERENCE_PRECISIONS)}")
+    check_inference_precision(precision)
     fast: Any = None
     optimized = getattr(model, "optimized", None)
     if (

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from verydeep.configs import CROP, POOL5_SIZE
 from verydeep.core import distributed
 from verydeep.core.atomic import write_json, write_text
-from verydeep.core.defaults import INFERENCE_PRECISIONS, default_workers
+from verydeep.core.defaults import check_inference_precision, default_workers
 from verydeep.core.store import ChunkStore, check_same_run, model_fingerprint, output_lock
 from verydeep.data.images import Failed, ImageDataset, collate_skipping, failed_from_json, failed_to_json
 from verydeep.data.preprocess import RESIZE, center_crop_caffe
@@ -207,8 +207,7 @@ def _check_request(model: Any, layers: list[str], out: Path, pool: str, precisio
         raise VerydeepError(f"{out}: a .npy file holds one layer, {len(layers)} requested; use .npz, .parquet or .h5")
     if pool not in POOLS:
         raise VerydeepError(f"unknown pooling {pool!r}; use {', '.join(POOLS)}")
-    if precision not in INFERENCE_PRECISIONS:
-        raise VerydeepError(f"unknown precision {precision!r}; use {', '.join(INFERENCE_PRECISIONS)}")
+    check_inference_precision(precision)
 
 
 def _check_geometry(model: Any, layers: list[str], size: int, crop: int) -> None:

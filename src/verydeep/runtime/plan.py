@@ -13,8 +13,7 @@ from typing import Any
 
 import torch
 
-from verydeep.core.defaults import INFERENCE_PRECISIONS
-from verydeep.errors import VerydeepError
+from verydeep.core.defaults import check_inference_precision
 from verydeep.runtime.capabilities import (
     cpu_class,
     int8_dot_product,
@@ -233,8 +232,7 @@ def make_plan(
     keeps oneDNN's direct kernel for fp32 3x3 layers; ``None`` uses :data:`WINOGRAD` where the
     CPU class has it and the kernel could be built (both are exact to the fp32 budget).
     """
-    if precision not in INFERENCE_PRECISIONS:
-        raise VerydeepError(f"unknown precision {precision!r}; expected one of {', '.join(INFERENCE_PRECISIONS)}")
+    check_inference_precision(precision)
     dev = torch.device(device)
     notes: list[str] = []
     dtype = _compute_dtype(precision, dev, fallback, notes)
