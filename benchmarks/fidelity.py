@@ -26,6 +26,7 @@ import torch
 
 from verydeep.bench import emit_report, random_model
 from verydeep.core.numerics import relative_error
+from verydeep.runtime.int8 import CALIBRATION_IMAGES
 
 
 def photo_paths(folder: str | None) -> tuple[list[Path], str]:
@@ -92,7 +93,7 @@ def main() -> int:
     report = {"weights": weights, "photos": used, "source": folder, "dense_q": args.dense, "precisions": {}}
     from verydeep.data.calibration import calibration_images
 
-    calibration = calibration_images(args.calibration, 32) if args.calibration else x
+    calibration = calibration_images(args.calibration, CALIBRATION_IMAGES) if args.calibration else x
     report["calibration"] = args.calibration or "the photos themselves"
     for precision in args.precision:
         fast = model.optimized(precision, calibration=calibration if precision == "int8" else None)

@@ -66,11 +66,7 @@ def main() -> int:
         if not args.quiet_wait or busy <= 0.15:
             break
         print(f"bench: others used {100 * busy:.0f}% of the CPUs: measuring again", file=sys.stderr)
-    report["environment"] = {
-        k: os.environ[k]
-        for k in (*ENVIRONMENT, "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
-        if k in os.environ
-    }
+    report["environment"] = {k: os.environ[k] for k in (*ENVIRONMENT, *winograd.ISA_LIMITS) if k in os.environ}
     report["environment"]["winograd_cflags"] = " ".join(winograd.CFLAGS)
     print(format_report(report))
     if args.out:
@@ -87,7 +83,7 @@ def wait_quiet(limit: float) -> None:
 
 def measure(args: argparse.Namespace) -> dict:
     if args.march:
-        winograd.CFLAGS = tuple(f"-march={args.march}" if f == "-march=native" else f for f in winograd.CFLAGS)
+        winograd.use_march(args.march)
     options = BenchOptions(
         arch=args.arch,
         batches=args.batch,

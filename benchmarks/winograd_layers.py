@@ -29,8 +29,6 @@ from verydeep.runtime import cpu_model, winograd
 from verydeep.runtime.cpu import onednn_conv, pack_conv_weight
 from verydeep.runtime.winograd import Winograd, winograd_kernel
 
-#: What limits MKL, oneDNN and ATen to an instruction set (recorded with the results).
-LIMITS = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 #: VGG-16's 3x3 layer shapes (in, out, size), one per distinct shape.
 LAYERS = [(64, 64, 224), (64, 128, 112), (128, 128, 112), (128, 256, 56), (256, 256, 56), (256, 512, 28),
           (512, 512, 28), (512, 512, 14)]  # fmt: skip
@@ -55,7 +53,7 @@ def main() -> int:
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.march:
-        winograd.CFLAGS = tuple(f"-march={args.march}" if f == "-march=native" else f for f in winograd.CFLAGS)
+        winograd.use_march(args.march)
     if args.threads:
         torch.set_num_threads(args.threads)
     if winograd_kernel()[0] is None:
@@ -97,7 +95,7 @@ def main() -> int:
                     "cpu": cpu_model(),
                     "threads": torch.get_num_threads(),
                     "cflags": " ".join(winograd.CFLAGS),
-                    "environment": {k: os.environ[k] for k in LIMITS if k in os.environ},
+                    "environment": {k: os.environ[k] for k in winograd.ISA_LIMITS if k in os.environ},
                     "rows": rows,
                 },
                 indent=2,

@@ -32,7 +32,7 @@ ONNX_OPSET = 17
 class Engine:
     """One engine at one precision; ``dense`` is None where it has no dense view."""
 
-    name: str  # "verydeep" | "verydeep+compile" | "torchvision" | "exact" | "onnxruntime" | "opencv"
+    name: str  # "verydeep" | "verydeep+compile" | "verydeep+direct" | "torchvision" | "exact" | FOREIGN_ENGINES
     precision: str
     classic: Call
     dense: Call | None = None
@@ -43,11 +43,6 @@ class Engine:
     @property
     def label(self) -> str:
         return f"{self.name} {self.precision}"
-
-    @property
-    def peer(self) -> bool:
-        """Another runtime (onnxruntime, OpenCV): what verydeep's own engines are ranked against."""
-        return self.name in FOREIGN_ENGINES
 
     @property
     def fidelity(self) -> str:

@@ -404,17 +404,16 @@ def result_rows(
     return rows
 
 
-def rank_against_peers(rows: list[dict[str, Any]], engines: Sequence[Engine]) -> list[dict[str, Any]]:
-    """Each verydeep row's speed over the fastest other runtime (onnxruntime, OpenCV) of the same
-    fidelity class in the same scenario: ``vs_best_peer`` and which peer that was."""
-    peers = {e.label for e in engines if e.peer}
+def rank_against_peers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each verydeep row's speed over the fastest other runtime (:data:`FOREIGN_ENGINES`: onnxruntime,
+    OpenCV) of the same fidelity class in the same scenario: ``vs_best_peer`` and which peer that was."""
     for r in rows:
         r["vs_best_peer"], r["best_peer"] = None, None
         if not r["engine"].startswith("verydeep"):
             continue
         same = [
             p for p in rows
-            if f"{p['engine']} {p['precision']}" in peers and p["fidelity"] == r["fidelity"]
+            if p["engine"] in FOREIGN_ENGINES and p["fidelity"] == r["fidelity"]
             and (p["view"], p["batch"], p["height"], p["width"]) == (r["view"], r["batch"], r["height"], r["width"])
         ]  # fmt: skip
         if same:
@@ -447,7 +446,7 @@ def run_bench(
         refs = references(trial)
         first_call = warm_up(trial, opts.warmup)
         times, others_during = time_interleaved(trial, opts.repeats)
-        results = rank_against_peers(result_rows(trial, refs, times, first_call), lineup.engines)
+        results = rank_against_peers(result_rows(trial, refs, times, first_call))
     dense = next((s for s in scenarios if s.view == "dense"), None)
     return {
         "machine": machine_info(dev),

@@ -60,9 +60,9 @@ WINOGRAD: tuple[int, ...] = (4, 2)
 class CpuPlan:
     """The choices that depend on the CPU class (:data:`~verydeep.runtime.capabilities.CPU_CLASSES`)."""
 
-    cache_bytes: int  # see CACHE_BYTES
-    blocked_stages: int  # see BLOCKED_STAGES
     measured_on: str  # the CPU the values were measured on, or why they are the defaults
+    cache_bytes: int = CACHE_BYTES
+    blocked_stages: int = BLOCKED_STAGES
     winograd: tuple[int, ...] = WINOGRAD  # fp32 3x3 layers: the Winograd tile sizes used, () = direct
 
 
@@ -71,13 +71,13 @@ class CpuPlan:
 #: the Winograd kernel is compiled for the machine's own vector width. ``generic`` (ARM, x86
 #: without AVX2) has no Winograd: the kernel calls the BLAS of PyTorch's x86 builds.
 CPU_PLANS: dict[str, CpuPlan] = {
-    "amx": CpuPlan(CACHE_BYTES, BLOCKED_STAGES, "Sapphire Rapids, 2 cores (bf16 and fp32)"),
-    "avx512-bf16": CpuPlan(CACHE_BYTES, BLOCKED_STAGES, "not measured: the defaults"),
-    "avx512-vnni": CpuPlan(CACHE_BYTES, BLOCKED_STAGES, "Ice Lake-SP, 2 cores (fp32, Winograd and int8)"),
-    "avx512": CpuPlan(CACHE_BYTES, BLOCKED_STAGES, "not measured: the defaults"),
-    "avx2-vnni": CpuPlan(CACHE_BYTES, BLOCKED_STAGES, "not measured: the defaults"),
-    "avx2": CpuPlan(CACHE_BYTES, BLOCKED_STAGES, "not measured: the defaults"),
-    "generic": CpuPlan(CACHE_BYTES, BLOCKED_STAGES, "not measured: the defaults", winograd=()),
+    "amx": CpuPlan("Sapphire Rapids, 2 cores (bf16 and fp32)"),
+    "avx512-bf16": CpuPlan("not measured: the defaults"),
+    "avx512-vnni": CpuPlan("Ice Lake-SP, 2 cores (fp32, Winograd and int8)"),
+    "avx512": CpuPlan("not measured: the defaults"),
+    "avx2-vnni": CpuPlan("not measured: the defaults"),
+    "avx2": CpuPlan("not measured: the defaults"),
+    "generic": CpuPlan("not measured: the defaults", winograd=()),
 }
 
 
@@ -112,7 +112,7 @@ class Plan:
 
 @dataclass(frozen=True)
 class _Kernels:
-    """The device-dependent part of a plan."""
+    """The device-dependent part of a plan: each field is the :class:`Plan` field of that name."""
 
     conv: str = "aten"
     linear: str = "aten"
@@ -246,20 +246,11 @@ def make_plan(
         device=str(dev),
         precision=precision,
         dtype=dtype,
-        conv=kernels.conv,
-        linear=kernels.linear,
-        pool=kernels.pool,
         channels_last=dev.type in ("cpu", "cuda"),
-        cache_bytes=kernels.cache_bytes,
-        pad_channels=kernels.pad_channels,
-        relu_after_pool=kernels.relu_after_pool,
-        isa=kernels.isa,
-        blocked_stages=kernels.blocked_stages,
-        int8_levels=kernels.int8_levels,
-        winograd=kernels.winograd,
         cuda_graphs=cuda if cuda_graphs is None else bool(cuda_graphs and cuda),
         compile=bool(compile) and dtype != "int8",
         notes=tuple(notes),
+        **asdict(kernels),
     )
 
 

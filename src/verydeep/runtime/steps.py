@@ -38,7 +38,7 @@ from verydeep.runtime.cuda import cudnn_conv_relu, triton_max_pool
 from verydeep.runtime.int8 import Calibration
 from verydeep.runtime.plan import Plan
 from verydeep.runtime.source import as_source, bias_of, child, conv_padding
-from verydeep.runtime.winograd import Winograd, winograd_applies
+from verydeep.runtime.winograd import Winograd, tile_size, winograd_applies
 
 
 # -- the steps -------------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def _conv_step(
         w = F.pad(w, (0, 0, 0, 0, 0, plan.pad_channels - w.shape[1]))
     if plan.winograd and winograd_applies(tuple(w.shape), conv.stride[0], pad, conv.dilation[0], conv.groups):
         wino = Winograd(w, b, plan.winograd)
-        wino.weights(plan.winograd[0])  # the common case's transform now, not on the first call
+        wino.weights(tile_size(hw, hw, plan.winograd))  # the classic view's transform now, not on the first call
         return ConvStep(spec.name, relu=relu, weight=w, bias=b, padding=pad, pool_next=pool_next, winograd=wino)
     if plan.conv == "onednn-prepacked":
         w = pack_conv_weight(w, pad, spec.in_channels, hw)
@@ -202,12 +202,11 @@ def _quantize_steps(model: nn.Module, plan: Plan, calibration: Calibration) -> l
                 q, w_scale = quantize_weight(conv.weight)
                 pad = conv_padding(conv)
                 packed = pack_qconv_weight(q, w_scale, x_scale, x_zero, pad, [1, spec.in_channels, hw, hw])
-                pool_next = relu_next and i + 2 < len(specs) and specs[i + 2].kind == "pool"
                 quantized = Quantized(x_scale, x_zero, w_scale)
                 b = bias_of(conv).float()
                 steps.append(
-                    ConvStep(spec.name, relu=True, weight=packed, bias=b, padding=pad, pool_next=pool_next,
-                             quantized=quantized, scale=out_scale)
+                    ConvStep(spec.name, relu=True, weight=packed, bias=b, padding=pad, quantized=quantized,
+                             scale=out_scale)
                 )  # fmt: skip
                 x_scale, x_zero = out_scale, 0
             elif spec.kind == "fc":

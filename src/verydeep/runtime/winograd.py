@@ -64,7 +64,10 @@ MAX_BLOCK_TILES = 128
 MIN_TILES = 32
 #: How the kernel is built: -march=native for the machine it runs on (the library is cached per
 #: CPU), OpenMP from the runtime PyTorch loaded, no -ffast-math (sums must not be reassociated).
-CFLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+CFLAGS: tuple[str, ...] = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+#: Environment variables that limit PyTorch's libraries to one instruction set (with
+#: :func:`use_march`, an AVX2 machine can be approximated on an AVX-512 one for benchmarking).
+ISA_LIMITS = ("MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 _SOURCE = "winograd.c"
 #: The compiled entry point ``verydeep_winograd`` (see ``winograd.c`` for its arguments).
 Kernel = Callable[..., int]
@@ -79,6 +82,13 @@ class _Library:
 
 
 _LIB = _Library()
+
+
+def use_march(march: str) -> None:
+    """Build the kernel for ``-march=<march>`` instead of the machine's own (before its first use;
+    the cache key covers the flags)."""
+    global CFLAGS
+    CFLAGS = tuple(f"-march={march}" if f.startswith("-march=") else f for f in CFLAGS)
 
 
 def _compiler() -> str | None:
