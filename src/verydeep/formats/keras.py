@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import select
 import signal
 import sys
@@ -36,15 +35,27 @@ import torch
 from verydeep import configs
 from verydeep.errors import WeightsError
 from verydeep.formats.torchvision import build_from_meta
-from verydeep.models.build import MAX_EXPANSION, candidate_widths, check_claimed, error_reason, format_shape
+from verydeep.models.build import (
+    MAX_EXPANSION,
+    candidate_widths,
+    check_claimed,
+    error_reason,
+    format_shape,
+    to_float32,
+)
 from verydeep.models.vgg import VGG
 
 if TYPE_CHECKING:
     import h5py
 
-_KERAS_FC = {"fc1": "fc6", "fc2": "fc7", "predictions": "fc8"}
-#: Every Keras layer name a Table 1 VGG can have (block5_conv4 in VGG19 at most), Keras' first.
-KERAS_LAYERS = [f"block{s}_conv{i}" for s in range(1, 6) for i in range(1, 5)] + list(_KERAS_FC)
+#: Every Keras layer name a Table 1 VGG can have (block5_conv4 in VGG19 at most) -> Caffe's
+#: (``block3_conv2`` -> ``conv3_2``, ``fc1`` -> ``fc6``).
+KERAS_LAYERS = {
+    **{f"block{s}_conv{i}": f"conv{s}_{i}" for s in range(1, 6) for i in range(1, 5)},
+    "fc1": "fc6",
+    "fc2": "fc7",
+    "predictions": "fc8",
+}
 
 #: Entries of a ``layer_names`` or ``weight_names`` attribute read at most: Keras' largest
 #: applications model (NASNetLarge) has about 1,040 layers, a layer a handful of weights.
@@ -56,14 +67,6 @@ MAX_DEPTH = 4
 #: costs time per chunk whatever its size (about 4 us each). Keras writes contiguous datasets;
 #: h5py's automatic chunking of a whole VGG-16 gives about 9,000; 65,536 is well under a second.
 MAX_CHUNKS = 1 << 16
-
-
-def _keras_layer_name(name: str) -> str | None:
-    """Keras' layer name -> Caffe's (``block3_conv2`` -> ``conv3_2``, ``fc1`` -> ``fc6``)."""
-    m = re.fullmatch(r"block(\d)_conv(\d)", name)
-    if m:
-        return f"conv{m.group(1)}_{m.group(2)}"
-    return _KERAS_FC.get(name)
 
 
 @contextmanager
@@ -213,7 +216,7 @@ def _keras_datasets(path: Path, f: h5py.File) -> dict[str, tuple[str, list[Any]]
 
 def _read(path: Path, where: str, dset: h5py.Dataset) -> np.ndarray:
     with _reading(path, where):
-        return np.asarray(dset[()], dtype=np.float32)
+        return to_float32(dset[()])
 
 
 def load_keras_h5(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -247,8 +250,7 @@ def read_keras_arrays(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
     with f:
         datasets: dict[str, tuple[str, h5py.Dataset]] = {}
         for keras_name, (where, values) in _keras_datasets(path, f).items():
-            name = _keras_layer_name(keras_name)
-            assert name is not None  # KERAS_LAYERS holds only VGG names
+            name = KERAS_LAYERS[keras_name]
             if len(values) != 2:
                 raise WeightsError(f"{path}: {where}: expected kernel and bias, found {len(values)} arrays")
             for kind, dset in zip(("weight", "bias"), values):

@@ -23,6 +23,7 @@ from verydeep.errors import VerydeepError
 from verydeep.formats import checks
 from verydeep.formats.checks import ExportReport, ExportRequest
 from verydeep.formats.input_space import INPUT_SPACES, fold_input, to_space
+from verydeep.models.build import error_reason
 from verydeep.models.vgg import VGG
 from verydeep.runtime.capabilities import int8_dot_product
 from verydeep.runtime.plan import TOLERANCE
@@ -91,11 +92,11 @@ def write_onnx(request: ExportRequest) -> ExportReport:
     except VerydeepError:
         raise
     except Exception as e:  # the exporters raise many types; the message is what matters
-        raise VerydeepError(f"{out}: ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise VerydeepError(f"{out}: ONNX export failed ({error_reason(e)})") from None
     try:
         onnx.checker.check_model(str(out), full_check=True)
     except onnx.checker.ValidationError as e:
-        checks.fail([out], f"{out}: onnx.checker rejected the export: {str(e).splitlines()[0]}")
+        checks.fail([out], f"{out}: onnx.checker rejected the export: {error_reason(e)}")
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     worst = 0.0
     for h, w in checks.probe_sizes(dense):
@@ -107,8 +108,9 @@ def write_onnx(request: ExportRequest) -> ExportReport:
         checks.fail([out], f"{out}: onnxruntime differs from PyTorch by {worst:.2e} (relative), more than {bound:g}")
     notes = [f"opset {opset}, {exporter} exporter; input 'data' ({INPUT_SPACES[space].description}), output 'fc8'"]
     if int8:
-        n = 0 if request.calibration is None else request.calibration.shape[0]
-        notes.append(f"static int8 (QDQ): per-channel int8 weights, uint8 activations min-max calibrated on {n} images")
+        notes.append(
+            f"static int8 (QDQ): per-channel int8 weights, uint8 activations min-max calibrated on {len(images)} images"
+        )
     notes.append("dynamic batch, height and width (at least 224)" if dense else "dynamic batch, 224x224 input")
     checked = f"onnx.checker + onnxruntime {ort.__version__}"
     return ExportReport("onnx", [str(out)], space, checked, worst, not int8, notes)

@@ -31,10 +31,10 @@ from verydeep.formats.caffe.graph import CaffeGraph
 from verydeep.formats.checks import ExportReport, ExportRequest, fail
 from verydeep.models.build import (
     build_vgg,
-    checked_tensor,
     default_class_names,
     error_reason,
     format_shape,
+    quote,
     vgg_spec_from_shapes,
 )
 from verydeep.models.vgg import VGG
@@ -168,17 +168,13 @@ def _header_size(path: Path) -> int:
     return size
 
 
-def _quote(text: str, limit: int = 40) -> str:
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
-
-
 def validate_metadata(raw: Mapping[str, str], origin: str) -> dict[str, Any]:
     """The metadata of a verydeep file, JSON-decoded and checked against :data:`METADATA`; any
     other file's metadata as found (strings), since nothing is built from it."""
     found = raw.get("format")
     if found != FORMAT:
         if isinstance(found, str) and found.startswith("verydeep-weights-"):
-            raise WeightsError(f"{origin}: format {_quote(found)}: this verydeep reads {FORMAT!r} (a newer file?)")
+            raise WeightsError(f"{origin}: format {quote(found)}: this verydeep reads {FORMAT!r} (a newer file?)")
         return dict(raw)
     meta: dict[str, Any] = {"format": FORMAT}
     for key, text in raw.items():
@@ -190,11 +186,11 @@ def validate_metadata(raw: Mapping[str, str], origin: str) -> dict[str, Any]:
         except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
             if spec is not None:
                 raise WeightsError(
-                    f"{origin}: metadata {_quote(key)}: expected {spec[0]} in JSON, found {_quote(text)}"
+                    f"{origin}: metadata {quote(key)}: expected {spec[0]} in JSON, found {quote(text)}"
                 ) from None
             value = text
         if spec is not None and not spec[1](value):
-            raise WeightsError(f"{origin}: metadata {_quote(key)}: expected {spec[0]}, found {_quote(text)}")
+            raise WeightsError(f"{origin}: metadata {quote(key)}: expected {spec[0]}, found {quote(text)}")
         meta[key] = value
     names, classes = meta.get("class_names"), meta.get("num_classes", NetSpec.num_classes)
     if names is not None and len(names) != classes:
@@ -261,8 +257,7 @@ def load_safetensors(path: str | os.PathLike[str]) -> VGG | CaffeGraph:
         if "prototxt" not in meta:
             raise WeightsError(f"{path}: metadata: a Caffe graph's file without its 'prototxt'")
         state = _library(path, "cannot read its tensors", lambda: st_load(str(path)))
-        checked = {k: checked_tensor(str(path), k, v) for k, v in state.items()}
-        return CaffeGraph.from_saved(meta, checked, source=str(path))
+        return CaffeGraph.from_saved(meta, state, source=str(path))
     spec = _spec(path, size, meta if ours else {}, shapes)
     state = _library(path, "cannot read its tensors", lambda: st_load(str(path)))
     names = meta.get("class_names") if ours and "config" in meta else default_class_names(spec.num_classes)

@@ -28,10 +28,13 @@ from verydeep.models.build import (
     candidate_widths,
     check_claimed,
     default_class_names,
+    dense_problem,
     error_reason,
     format_shape,
+    quote,
     shape_error,
     shape_fits,
+    tensor_problem,
     vgg_spec_from_shapes,
 )
 from verydeep.models.vgg import VGG
@@ -115,11 +118,6 @@ STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
 MAX_WRAPPERS = 4
 
 
-def _short(key: object, limit: int = 40) -> str:
-    text = repr(key)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def _zip_claims(path: Path, size: int) -> None:
     """Refuse a zip ``.pth`` whose members inflate past ``MAX_EXPANSION`` times the file
     (torch.save stores them uncompressed, torch.load would inflate any): before torch reads it."""
@@ -168,16 +166,16 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     claimed = 0
     for key, value in obj.items():
         if not isinstance(key, str):
-            raise WeightsError(f"{path}: key {_short(key)}: expected a parameter name, found {type(key).__name__}")
+            raise WeightsError(f"{path}: key {quote(key)}: expected a parameter name, found {type(key).__name__}")
         if not isinstance(value, torch.Tensor):
-            raise WeightsError(f"{path}: {_short(key)}: expected a tensor, found {type(value).__name__}")
-        if value.layout != torch.strided or value.device.type != "cpu":
-            where = "a meta tensor (no data)" if value.device.type == "meta" else f"a {value.layout} tensor"
-            raise WeightsError(f"{path}: {_short(key)}: expected a dense tensor, found {where}")
+            raise WeightsError(f"{path}: {quote(key)}: expected a tensor, found {type(value).__name__}")
+        problem = dense_problem(value)  # a sparse or meta tensor has no storage to measure below
+        if problem is not None:
+            raise WeightsError(f"{path}: {quote(key)}: {problem}")
         nbytes = value.numel() * value.element_size()
         if nbytes > value.untyped_storage().nbytes():  # a stride-0 view repeating stored values
             raise WeightsError(
-                f"{path}: {_short(key)}: a {format_shape(value.shape)} view of {value.untyped_storage().nbytes():,} "
+                f"{path}: {quote(key)}: a {format_shape(value.shape)} view of {value.untyped_storage().nbytes():,} "
                 "stored bytes (an expanded tensor); save a copy: tensor.contiguous()"
             )
         claimed += nbytes
@@ -190,8 +188,9 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
 
 def _float32(path: Path, key: str, value: torch.Tensor) -> torch.Tensor:
     """A parameter as float32; an integer or boolean tensor is no weight (converting would hide it)."""
-    if not value.is_floating_point():
-        raise WeightsError(f"{path}: {_short(key)}: expected floating-point values, found dtype {value.dtype}")
+    problem = tensor_problem(value)
+    if problem is not None:
+        raise WeightsError(f"{path}: {quote(key)}: {problem}")
     return value.to(torch.float32)
 
 
@@ -227,7 +226,7 @@ def load_torchvision_state(path: str | os.PathLike) -> tuple[dict[str, torch.Ten
         raise WeightsError(f"{path}: a batch-norm VGG (vgg*_bn): not a Table 1 net, not supported")
     feats = sorted({int(m.group(1)) for k in raw if (m := re.fullmatch(r"features\.(0|[1-9]\d{0,3})\.weight", k))})
     if not feats or "classifier.6.weight" not in raw:
-        sample = ", ".join(_short(k) for k in list(raw)[:4])
+        sample = ", ".join(quote(k) for k in list(raw)[:4])
         raise WeightsError(
             f"{path}: not a torchvision VGG state dict: expected features.N.weight and classifier.6.weight, "
             f"found {sample}, ..."
@@ -254,7 +253,7 @@ def load_torchvision_state(path: str | os.PathLike) -> tuple[dict[str, torch.Ten
     missing = sorted(set(inverse) - set(raw))
     extra = sorted(set(raw) - set(inverse))
     if missing or extra:
-        what = f"missing {missing[0]}" if missing else f"unexpected {_short(extra[0])}"
+        what = f"missing {missing[0]}" if missing else f"unexpected {quote(extra[0])}"
         raise WeightsError(f"{path}: torchvision {TORCHVISION_ARCH[config]} state dict: {what}")
     widths = candidate_widths(
         {

@@ -5,7 +5,8 @@ Every loader (caffemodel, safetensors, torchvision ``.pth``, Keras ``.h5``, a Ca
 blobs) checks shapes with the one rule :func:`shape_fits`, and every VGG they build passes its
 values through :func:`checked_tensor` (dense, floating point, finite), so a file that loads
 through one format loads through all of them, and a bad one is refused by all for one reason.
-:func:`error_reason` quotes a library's exception inside such a one-line message.
+:func:`error_reason` quotes a library's exception, :func:`quote` a name or value found in a file,
+inside such a one-line message.
 """
 
 from __future__ import annotations
@@ -109,26 +110,50 @@ def shape_error(origin: str, key: str, expected: Sequence[int], found: Sequence[
     )
 
 
+def to_float32(array: np.ndarray) -> np.ndarray:
+    """``array`` as float32, without numpy's overflow warning: float64 values beyond float32's range
+    become inf, which :func:`checked_tensor` refuses naming the tensor (a warning would say nothing more)."""
+    with np.errstate(over="ignore"):
+        return np.asarray(array, dtype=np.float32)
+
+
+def dense_problem(value: torch.Tensor) -> str | None:
+    """Why ``value`` holds no dense data (sparse, meta), or None: checked before its storage is read."""
+    if value.device.type == "meta":
+        return "expected a dense tensor, found a meta tensor (no data)"
+    if value.layout != torch.strided:
+        return f"expected a dense tensor, found a {value.layout} tensor"
+    return None
+
+
+def tensor_problem(value: np.ndarray | torch.Tensor) -> str | None:
+    """Why ``value`` cannot be a parameter's values (:func:`dense_problem`, or not floating point), or None."""
+    if isinstance(value, torch.Tensor):
+        problem = dense_problem(value)
+        if problem is not None:
+            return problem
+        floating = value.is_floating_point()
+    else:
+        floating = value.dtype.kind == "f"
+    return None if floating else f"expected floating-point values, found dtype {value.dtype}"
+
+
 def checked_tensor(origin: str, key: str, value: np.ndarray | torch.Tensor) -> torch.Tensor:
     """``value`` as a float32 CPU tensor, refused (naming the tensor) unless it holds real numbers.
 
     Parameters must be dense floating-point values: an integer, boolean or complex array is not a
-    weight (converting it would hide a wrong file), a sparse or meta tensor holds no dense data.
-    Non-finite values are refused rather than warned about: one NaN or inf in any parameter
-    reaches every score after that layer (ReLU and max pooling pass NaN on), so the net computes
-    nothing usable, and no trained VGG holds one; the error names the tensor to look at.
+    weight (converting it would hide a wrong file), a sparse or meta tensor holds no dense data
+    (:func:`tensor_problem`). Non-finite values are refused rather than warned about: one NaN or
+    inf in any parameter reaches every score after that layer (ReLU and max pooling pass NaN on),
+    so the net computes nothing usable, and no trained VGG holds one; the error names the tensor
+    to look at.
     """
+    problem = tensor_problem(value)
+    if problem is not None:
+        raise WeightsError(f"{origin}: {key}: {problem}")
     if isinstance(value, np.ndarray):
-        if value.dtype.kind != "f":
-            raise WeightsError(f"{origin}: {key}: expected floating-point values, found dtype {value.dtype}")
-        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused below
-            tensor = torch.from_numpy(np.asarray(value, dtype=np.float32))
+        tensor = torch.from_numpy(to_float32(value))
     else:
-        if value.layout != torch.strided or value.device.type == "meta":
-            where = "a meta tensor (no data)" if value.device.type == "meta" else f"a {value.layout} tensor"
-            raise WeightsError(f"{origin}: {key}: expected a dense tensor, found {where}")
-        if not value.is_floating_point():
-            raise WeightsError(f"{origin}: {key}: expected floating-point values, found dtype {value.dtype}")
         tensor = value.detach().to("cpu", torch.float32)
     finite = torch.isfinite(tensor)
     if not bool(finite.all()):
@@ -208,6 +233,15 @@ def check_claimed(origin: str, what: str, claimed: int, size: int) -> None:
         raise WeightsError(
             f"{origin}: {what} claims {claimed:,} bytes, more than {MAX_EXPANSION}x the file's {size:,} bytes"
         )
+
+
+def quote(value: object, limit: int = 40) -> str:
+    """``value``'s repr cut to about ``limit`` characters, for a name or value found in a file: a
+    string is cut before its repr is made (a file's string may be megabytes), and stays quoted."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= limit else repr(value[:limit]) + "..."
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def error_reason(error: BaseException) -> str:

@@ -435,10 +435,22 @@ class CaffeGraph(nn.Module):
         net, source = read_prototxt(prototxt), os.fspath(prototxt)
         if caffemodel is None:
             return cls(net, input_shape, source=source)
-        blobs = read_caffemodel(caffemodel).blobs
-        with torch.device("meta"):  # the parameters become the file's arrays: nothing more is allocated
+        return cls.with_blobs(net, read_caffemodel(caffemodel).blobs, os.fspath(caffemodel), input_shape, source)
+
+    @classmethod
+    def with_blobs(
+        cls,
+        net: NetParameter,
+        blobs: Mapping[str, Sequence[np.ndarray]],
+        origin: str,
+        input_shape: Sequence[int] | None = None,
+        source: str = "<net>",
+    ) -> CaffeGraph:
+        """A graph for ``net`` holding ``blobs`` (:meth:`load_blobs`; errors name ``origin``), built
+        on the meta device: the parameters become the blobs' arrays, nothing more is allocated."""
+        with torch.device("meta"):
             graph = cls(net, input_shape, source=source)
-        graph.load_blobs(blobs, origin=os.fspath(caffemodel))
+        graph.load_blobs(blobs, origin=origin)
         return graph
 
     # ---- weights
@@ -484,7 +496,8 @@ class CaffeGraph(nn.Module):
 
     @classmethod
     def from_saved(cls, meta: Mapping[str, Any], state: Mapping[str, Tensor], source: str = "<saved>") -> CaffeGraph:
-        """Rebuild a graph saved as :meth:`meta` + ``state_dict()``."""
+        """Rebuild a graph saved as :meth:`meta` + ``state_dict()``, each value checked as
+        :meth:`load_blobs` checks a blob (:func:`~verydeep.models.build.checked_tensor`)."""
         text, shapes = meta.get("prototxt"), meta.get("input_shapes", {})
         if not (
             isinstance(text, str) and isinstance(shapes, Mapping) and all(isinstance(s, list) for s in shapes.values())
@@ -494,8 +507,9 @@ class CaffeGraph(nn.Module):
         first = next(iter(shapes.values()), None)
         with torch.device("meta"):
             graph = cls(net, first, source=source)
+        checked = {k: checked_tensor(source, k, v) for k, v in state.items()}
         try:
-            graph.load_state_dict(dict(state), strict=True, assign=True)
+            graph.load_state_dict(checked, strict=True, assign=True)
         except RuntimeError as e:
             raise CaffeFormatError(f"{source}: parameters do not fit the saved net: {e}") from None
         return graph

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from verydeep.errors import WeightsError
 from verydeep.formats.caffe.caffemodel import read_caffemodel
@@ -52,7 +51,4 @@ def load_caffemodel(path: str | os.PathLike[str], prototxt: str | os.PathLike[st
         raise WeightsError(
             f"{path}: not a known VGG and the file holds no net definition; pass --prototxt deploy.prototxt"
         )
-    with torch.device("meta"):  # the parameters become the file's arrays: nothing more is allocated
-        graph = CaffeGraph(graph_net, source=str(prototxt or path))
-    graph.load_blobs(cm.blobs, origin=origin)
-    return graph
+    return CaffeGraph.with_blobs(graph_net, cm.blobs, origin, source=str(prototxt or path))
