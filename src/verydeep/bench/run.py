@@ -156,7 +156,9 @@ def calibration_batch(options: BenchOptions, device: torch.device) -> torch.Tens
     ``options.calibration``, else generated ones (seeds apart from the timed inputs')."""
     if "int8" not in options.precisions:
         return None
-    n = options.calibration_images
+    n = min(
+        options.calibration_images, CALIBRATION_IMAGES
+    )  # int8 uses at most these; its onnxruntime peer gets the same
     if options.calibration:
         from verydeep.data.calibration import calibration_images
 
@@ -467,7 +469,9 @@ def run_bench(
             "threads": torch.get_num_threads(),
             "baselines": list(opts.baselines),
             "calibration": (opts.calibration or "generated images") if "int8" in opts.precisions else None,
-            "calibration_images": opts.calibration_images if "int8" in opts.precisions else None,
+            "calibration_images": min(opts.calibration_images, CALIBRATION_IMAGES)
+            if "int8" in opts.precisions
+            else None,
             "statistic": "median of interleaved repeats",
         },
         "plans": lineup.plans,

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from verydeep import configs
 from verydeep.cli.common import (
-    MAX_SCALE,
     add_alias,
     add_calibration_options,
     add_command,
@@ -17,7 +15,7 @@ from verydeep.cli.common import (
     positive_int,
     print_json,
 )
-from verydeep.configs import CROP
+from verydeep.configs import CROP, MAX_SCALE, MAX_WIDTH
 from verydeep.core.defaults import INFERENCE_PRECISIONS
 
 EXAMPLES = """examples:
@@ -31,8 +29,6 @@ Measurements of all engines are interleaved in one process; ratios are to torchv
 fp32 VGG (the classic net) and to verydeep's exact eager dense view (dense).
 """
 
-
-MAX_WIDTH = configs.MAX_WIDTH
 #: torch/onnxruntime/OpenCV threads: more than any machine's cores only adds contention.
 MAX_THREADS = 1024
 

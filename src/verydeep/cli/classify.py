@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     classes = int(getattr(model, "num_classes", 0) or 0)
     if args.top is not None and classes and args.top > classes:
         raise VerydeepError(f"--top {args.top}: the model has {classes} classes; use 1..{classes}")
-    top = args.top or (min(DEFAULT_TOP, classes) if classes else DEFAULT_TOP)
+    top = args.top or DEFAULT_TOP  # predict lists at most the model's classes
     precision = precision_report(model, args.precision, device, command="classify")
     calibration = calibration_for(args, images, command="classify")
     results, errors = classify_files(

@@ -10,14 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from verydeep import configs
-from verydeep.configs import CROP
+from verydeep.configs import CROP, MAX_LOADER_WORKERS, MAX_SCALE
 from verydeep.core.atomic import file_in_the_way
 from verydeep.core.defaults import CALIBRATION_IMAGES, INFERENCE_PRECISIONS, PRECISIONS
 
 __all__ = [
-    "MAX_SCALE",
-    "MAX_WORKERS",
     "add_alias",
     "add_command",
     "add_calibration_options",
@@ -38,9 +35,6 @@ __all__ = [
     "test_scale",
     "workers_count",
 ]
-
-
-MAX_SCALE, MAX_WORKERS = configs.MAX_SCALE, configs.MAX_LOADER_WORKERS
 
 
 def _bounds(low: float, high: float | None, low_open: bool = False) -> str:
@@ -84,7 +78,7 @@ def float_range(low: float, high: float | None = None, *, low_open: bool = False
 #: Sizes, counts and batch sizes: at least one.
 positive_int = int_range(1)
 #: Decoding processes (0 decodes in the main process).
-workers_count = int_range(0, MAX_WORKERS)
+workers_count = int_range(0, MAX_LOADER_WORKERS)
 #: A rescale's shorter side (S or Q) or a crop: a pixel at least, :data:`MAX_SCALE` at most.
 image_side = int_range(1, MAX_SCALE)
 #: A test scale Q: the classic net's crop must fit in it.
@@ -155,8 +149,9 @@ def add_device_options(p: argparse._ActionsContainer, precision_default: str = "
         add_calibration_options(p)
 
 
-def add_calibration_options(p: argparse._ActionsContainer) -> None:
-    """``--calibration DIR`` and ``--calibration-images N``: what ``--precision int8`` is calibrated on."""
+def add_calibration_options(p: argparse._ActionsContainer, *, capped: bool = True) -> None:
+    """``--calibration DIR`` and ``--calibration-images N``: what ``--precision int8`` is calibrated on.
+    ``capped``: the runtime calibrates on at most :data:`CALIBRATION_IMAGES` (export's onnxruntime on all N)."""
     p.add_argument(
         "--calibration",
         metavar="DIR",
@@ -168,7 +163,9 @@ def add_calibration_options(p: argparse._ActionsContainer) -> None:
         type=positive_int,
         default=CALIBRATION_IMAGES,
         metavar="N",
-        help="int8: how many calibration images to use (default: %(default)s)",
+        help="int8: how many calibration images to use"
+        + (f", up to {CALIBRATION_IMAGES}" if capped else "")
+        + " (default: %(default)s)",
     )
 
 
@@ -178,20 +175,24 @@ def add_model_options(p: argparse._ActionsContainer, precision_default: str = "f
     add_device_options(p, precision_default, int8=int8)
 
 
-def calibration_for(args: argparse.Namespace, inputs: Any, *, command: str, quiet: bool = False) -> Any:
+def calibration_for(
+    args: argparse.Namespace, inputs: Any, *, command: str, quiet: bool = False, capped: bool = True
+) -> Any:
     """The int8 calibration batch (None unless ``--precision int8``): ``--calibration``'s images,
-    else the first of the command's own ``inputs``, which it says on stderr."""
+    else the first of the command's own ``inputs``, which it says on stderr. ``capped`` decodes at
+    most :data:`CALIBRATION_IMAGES`, all the runtime's calibration keeps (export's onnxruntime uses all)."""
     if getattr(args, "precision", None) != "int8":
         return None
     from verydeep.data.calibration import calibration_images
 
+    count = min(args.calibration_images, CALIBRATION_IMAGES) if capped else args.calibration_images
     if not args.calibration and not quiet:
         print(
-            f"verydeep {command}: int8 is calibrated on the first {args.calibration_images} of its own images "
+            f"verydeep {command}: int8 is calibrated on the first {count} of its own images "
             "(--calibration DIR chooses others)",
             file=sys.stderr,
         )
-    return calibration_images(args.calibration or inputs, args.calibration_images)
+    return calibration_images(args.calibration or inputs, count)
 
 
 def precision_report(model: Any, precision: str, device: str, *, command: str, quiet: bool = False) -> dict[str, str]:

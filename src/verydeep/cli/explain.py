@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from verydeep.cli.common import (
-    MAX_SCALE,
     add_command,
     add_json_option,
     add_model_options,
@@ -18,6 +17,7 @@ from verydeep.cli.common import (
     print_skipped,
     workers_count,
 )
+from verydeep.configs import MAX_SCALE
 from verydeep.core.tables import format_table
 
 EXAMPLES = """examples:
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from verydeep.core.defaults import default_device
     from verydeep.data.images import resolve_inputs
     from verydeep.errors import VerydeepError
-    from verydeep.explain.job import ExplainRun, class_model_files, explain_files
+    from verydeep.explain.job import ExplainRun, check_crop, class_model_files, explain_files
     from verydeep.hub.loader import load
 
     classes = args.classes or []
@@ -109,11 +109,7 @@ def run(args: argparse.Namespace) -> int:
             raise VerydeepError(f"--class: one class for {args.method} (found {len(classes)}); run once per class")
         if not args.images:
             raise VerydeepError(f"--method {args.method} needs at least one IMAGE")
-    if args.size and args.crop and args.crop > args.size:
-        raise VerydeepError(
-            f"--crop {args.crop} is larger than --size {args.size}: the crop would be mostly padding; "
-            f"use --size {args.crop} or more"
-        )
+    check_crop(args.size, args.crop)  # before the model loads (explain_files checks it too)
     paths = [p for data in args.images for p in resolve_inputs(data)]
     if args.method != "class-model" and not paths:
         raise VerydeepError(f"no images found in {', '.join(args.images)}")

@@ -80,7 +80,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="fp32",
         help="fp32 (exact), or int8: onnxruntime's static QDQ model, calibrated on --calibration (onnx only)",
     )
-    add_calibration_options(p)
+    add_calibration_options(p, capped=False)
     add_json_option(p)
     p.set_defaults(run=run)
 
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if args.precision == "int8" and not args.calibration:
         raise VerydeepError("--precision int8 needs --calibration DIR: images like the ones the model will see")
     model = load(args.weights, args.prototxt, device="cpu")
-    calibration = calibration_for(args, None, command="export")
+    calibration = calibration_for(args, None, command="export", capped=False)
     report = export(
         model,
         out,

@@ -33,6 +33,7 @@ from verydeep.data.images import (
     IMAGE_SUFFIXES,
     check_path_text,
     find_images,
+    listed_once,
     path_exists,
     quoted,
     read_lines,
@@ -109,9 +110,7 @@ def read_synsets(path: str | os.PathLike) -> tuple[str, ...]:
         wnid = line.split()[0]
         if not _WNID.match(wnid):
             raise VerydeepError(f"{path}: line {n}: expected a WordNet id (n########) first, found {quoted(wnid)}")
-        if wnid in first:
-            raise VerydeepError(f"{path}: line {n}: wnid {wnid} is listed twice (first on line {first[wnid]})")
-        first[wnid] = n
+        listed_once(first, wnid, n, path, f"wnid {wnid}")
     if not first:
         raise VerydeepError(f"{path}: no classes in the class list (expected 'n######## words' lines)")
     return tuple(sorted(first))
@@ -190,18 +189,15 @@ def read_caffe_list(
     """Caffe's ``val.txt``: ``name label`` per line, label in sorted-wnid order; names are
     relative to ``root``."""
     list_file, root = Path(list_file), Path(root)
-    names, labels = [], []
-    first: dict[str, int] = {}
+    labels: list[int] = []
+    first: dict[str, int] = {}  # image name -> its line, in file order
     for n, line in read_lines(list_file, "labels file"):
         parts = line.rsplit(None, 1)
         if len(parts) != 2 or not _is_int(parts[1]):
             raise VerydeepError(f"{list_file}: line {n}: expected 'IMAGE LABEL', found {quoted(line)}")
-        name = check_path_text(parts[0], list_file, n)
-        if name in first:
-            raise VerydeepError(f"{list_file}: line {n}: {name} is listed twice (first on line {first[name]})")
-        first[name] = n
-        names.append(name)
+        listed_once(first, check_path_text(parts[0], list_file, n), n, list_file)
         labels.append(int(parts[1]))
+    names = list(first)
     if not names:
         raise VerydeepError(f"{list_file}: no 'IMAGE LABEL' lines")
     paths = tuple(root / name for name in names)
@@ -249,8 +245,8 @@ def read_kaggle(
         )
     index = _index_of(read_synsets(mapping))
     reader = csv.reader(io.StringIO(read_text(solution, "Kaggle solution file"), newline=""))
-    rows: dict[str, int] = {}
-    first: dict[str, int] = {}
+    rows: list[tuple[str, int]] = []  # (ImageId, class index)
+    first: dict[str, int] = {}  # ImageId -> its line
     try:
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
@@ -267,20 +263,16 @@ def read_kaggle(
             image_id = check_path_text(row[0].strip(), solution, n)
             if not image_id:
                 raise VerydeepError(f"{solution}: line {n}: expected an ImageId, found nothing")
-            if image_id in first:
-                raise VerydeepError(
-                    f"{solution}: line {n}: {image_id} is listed twice (first on line {first[image_id]})"
-                )
-            first[image_id] = n
-            rows[image_id] = index[tokens[0]]
+            listed_once(first, image_id, n, solution)
+            rows.append((image_id, index[tokens[0]]))
     except csv.Error as e:  # a field beyond csv.field_size_limit(), a quote left open, ...
         raise VerydeepError(f"{solution}: line {reader.line_num}: not a CSV row ({e})") from None
     if not rows:
         raise VerydeepError(f"{solution}: no rows after the header 'ImageId,PredictionString'")
-    image_ids = sorted(rows)
-    names = tuple(i + KAGGLE_SUFFIX for i in image_ids)
+    rows.sort()  # by ImageId (each is listed once)
+    names = tuple(image_id + KAGGLE_SUFFIX for image_id, _ in rows)
     paths = tuple(root / name for name in names)
-    return EvalSet(root, paths, names, tuple(rows[i] for i in image_ids), tuple(sorted(index)), "kaggle")
+    return EvalSet(root, paths, names, tuple(label for _, label in rows), tuple(sorted(index)), "kaggle")
 
 
 def read_unlabeled(data: str | os.PathLike) -> EvalSet:
@@ -360,9 +352,7 @@ def open_eval_set(
         ds = read_devkit(labels, root, meta)
     else:
         ds = read_kaggle(labels, root, synsets)
-    ds = ds.spread(limit)
-    if not len(ds):
-        raise VerydeepError(f"{labels if labels is not None else root}: no images in the {layout} layout")
+    ds = ds.spread(limit)  # every reader refuses an empty set, and spread keeps at least one image
     if not any(path_exists(p) for p in ds.paths[:1000]):
         raise VerydeepError(
             f"{root}: none of the images the {layout} layout names is there (e.g. {ds.paths[0]}); "

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -30,6 +30,11 @@ MAX_TEXT_BYTES = 2**30
 #: The longest path and file name a list line may hold, in bytes: Linux's PATH_MAX and
 #: NAME_MAX. A longer one names no file, and the OS refuses it with an error, not "no such file".
 MAX_PATH_BYTES, MAX_NAME_BYTES = 4096, 255
+#: What reading one image for a dataset may raise: decoding raises ImageError only; the others
+#: come from the transform (a rescale out of memory). Each becomes a ``Failed`` record.
+TRANSFORM_ERRORS = (ImageError, OSError, ValueError, RuntimeError, MemoryError)
+
+_Key = TypeVar("_Key")
 
 
 def find_images(folder: str | os.PathLike) -> list[Path]:
@@ -131,6 +136,16 @@ def check_path_text(text: str, source: str | os.PathLike, line: int) -> str:
     return text
 
 
+def listed_once(first: dict[_Key, int], key: _Key, line: int, source: object, shown: str | None = None) -> None:
+    """Note that ``key`` is on line ``line`` of ``source`` in ``first`` (key -> its first line); a
+    key seen before is an error naming both lines, as results are keyed by it. ``shown``: how the
+    message names the key (default: the key itself)."""
+    if key in first:
+        shown = str(key) if shown is None else shown
+        raise VerydeepError(f"{source}: line {line}: {shown} is listed twice (first on line {first[key]})")
+    first[key] = line
+
+
 def path_exists(path: Path) -> bool:
     """Whether ``path`` names a file or folder; one the OS refuses to look at (no permission) does not."""
     try:
@@ -149,16 +164,15 @@ def read_path_list(source: str | os.PathLike, root: str | os.PathLike | None = N
     """
     base = Path(root) if root is not None else (Path(source).parent if str(source) != "-" else Path("."))
     name = "stdin" if str(source) == "-" else os.fspath(source)
-    paths: list[Path] = []
-    first: dict[Path, int] = {}
+    first: dict[Path, int] = {}  # path -> its line, in list order
     for n, line in read_lines(source):
-        whole = Path(check_path_text(line, source, n))
-        p = whole if path_exists(whole if whole.is_absolute() else base / whole) else Path(line.split()[0])
+        p = Path(check_path_text(line, source, n))
+        column = line.split()[0]
+        if column != line and not path_exists(p if p.is_absolute() else base / p):
+            p = Path(column)  # the whole line names no file: the first column is the path
         p = p if p.is_absolute() else base / p
-        if p in first:
-            raise VerydeepError(f"{name}: line {n}: {p} is listed twice (first on line {first[p]})")
-        first[p] = n
-        paths.append(p)
+        listed_once(first, p, n, name)
+    paths = list(first)
     if not paths and str(source) != "-":
         raise VerydeepError(f"{name}: no image paths in the list file")
     return paths
@@ -219,8 +233,7 @@ class ImageDataset(Dataset):
         try:
             image = to_uint8_chw(self.paths[i])
             return i, (self.transform(image) if self.transform else image)
-        # Decoding raises ImageError only; the others come from the transform (a rescale out of memory).
-        except (ImageError, OSError, ValueError, RuntimeError, MemoryError) as e:
+        except TRANSFORM_ERRORS as e:
             return i, Failed(i, self.paths[i], reason_of(e, self.paths[i]))
 
 

@@ -20,9 +20,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from verydeep.core.distributed import Context, shard
-from verydeep.data.images import Failed, find_images, reason_of
+from verydeep.data.images import TRANSFORM_ERRORS, Failed, find_images, reason_of
 from verydeep.data.preprocess import to_uint8_chw
-from verydeep.errors import ImageError, VerydeepError
+from verydeep.errors import VerydeepError
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,7 @@ class LabelledImages(Dataset):
         try:
             crop, shift = self.transform(to_uint8_chw(path), epoch, i)
             return i, Item(crop, shift, label)
-        # Decoding raises ImageError only; the others come from the transform (a rescale out of memory).
-        except (ImageError, OSError, ValueError, RuntimeError, MemoryError) as e:
+        except TRANSFORM_ERRORS as e:  # a bad image or a failed transform: a Failed record
             return i, Failed(i, path, reason_of(e, path))
 
 

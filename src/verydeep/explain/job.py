@@ -140,6 +140,14 @@ def _caption(e: Explanation, k: int) -> str:
     return f"{e.names[k]} ({e.classes[k]}): p = {e.probabilities[k]:.3f}"
 
 
+def check_crop(size: int | None, crop: int | None) -> None:
+    """Refuse a ``crop`` larger than ``size`` when both are given: the crop would be mostly padding."""
+    if size and crop and crop > size:
+        raise VerydeepError(
+            f"--crop {crop} is larger than --size {size}: the crop would be mostly padding; use --size {crop} or more"
+        )
+
+
 def explain_files(
     model: nn.Module,
     paths: Sequence[str | os.PathLike[str]],
@@ -170,6 +178,7 @@ def explain_files(
         raise VerydeepError(f"{FLAGS[wrong[0]]} applies to {', '.join(takers)}, not to {method}")
     if batch_size < 1:
         raise VerydeepError(f"batch size must be at least 1, found {batch_size}")
+    check_crop(size, crop)
     default_size, default_crop = INPUTS[method]
     size, crop = size or default_size, default_crop if crop is None else crop
     model = model.to(device).eval()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from verydeep.configs import MAX_LOADER_WORKERS, MAX_SCALE, MAX_WIDTH, TABLE_1, canonical, layer_specs
+from verydeep.configs import CROP, MAX_LOADER_WORKERS, MAX_SCALE, MAX_WIDTH, TABLE_1, canonical, layer_specs
 from verydeep.core.atomic import write_text
 from verydeep.core.defaults import PRECISIONS
 from verydeep.data.images import quoted, read_text
@@ -161,12 +161,11 @@ RESUMABLE = frozenset(
 #: ``init`` is a path unless it names a scheme (balanced, glorot, normal).
 PATH_KEYS = ("data", "val", "weights", "prototxt", "out", "init")
 INIT_SCHEMES = ("balanced", "glorot", "normal")
-#: The crops the classic net accepts: pool5 (rounding up, like Caffe) is 7x7 for 193..224.
-CROP, MIN_CROP = 224, 193
+#: The smallest crop the classic net accepts: pool5 (rounding up, like Caffe) is 7x7 for 193..CROP.
+MIN_CROP = 193
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
-MAX_WORKERS = MAX_LOADER_WORKERS
 #: The longest warm-up, in epochs: longer than any run (the paper's has 74 epochs), and small
 #: enough that warmup x steps per epoch stays a finite number of steps.
 MAX_WARMUP = 1e6
@@ -242,7 +241,7 @@ SCHEMA: dict[str, Check] = {
     ),
     "flip": ANY,
     "lighting_std": between(0),
-    "workers": between(0, MAX_WORKERS),
+    "workers": between(0, MAX_LOADER_WORKERS),
     "arch": Check(_known_arch, f"a configuration of Table 1 ({', '.join(TABLE_1)}) or its name (vgg16, ...)"),
     "width": between(0, MAX_WIDTH, low_open=True),
     "num_classes": POSITIVE,
