@@ -265,7 +265,9 @@ def remove_stale(folder: str | os.PathLike[str]) -> list[Path]:
 
 
 # -- one process at a time --------------------------------------------------------------------------
-def _stderr(message: str) -> None:
+def to_stderr(message: str) -> None:
+    """Show ``message`` on stderr at once (flushed, so it is not held behind a progress bar): the
+    default ``note`` of the locks, downloads and cache."""
     print(message, file=sys.stderr, flush=True)
 
 
@@ -275,7 +277,7 @@ def file_lock(
     busy: Callable[[str], str],
     *,
     wait: bool,
-    note: Callable[[str], None] = _stderr,
+    note: Callable[[str], None] = to_stderr,
     target: str | os.PathLike[str] | None = None,
 ) -> Iterator[None]:
     """Hold an exclusive lock on the file ``path`` (created; removed on release) for the body.
@@ -310,8 +312,8 @@ def _acquire(path: Path, busy: Callable[[str], str], wait: bool, note: Callable[
     assert fcntl is not None
     noted = False
     while True:
+        make_dirs(path.parent, target=target)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(
                 path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644
             )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -41,6 +42,8 @@ from verydeep.errors import VerydeepError
 #: chunks and features are written uncompressed (1); a user's ``np.savez_compressed`` of float
 #: features gets ~1.1, and deflate's own limit (~1032) would turn 3 MB into 3 GB.
 MAX_NPZ_RATIO = 100
+#: The longest .npy header of a member verydeep reads (a dict literal of ~100 bytes); numpy's own default.
+MAX_HEADER_BYTES = 10_000
 #: Values sampled from each tensor by :func:`model_fingerprint`.
 FINGERPRINT_SAMPLES = 4096
 
@@ -57,14 +60,17 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def output_lock(out: str | os.PathLike[str], ctx: distributed.Context | None = None) -> AbstractContextManager[None]:
+def output_lock(
+    out: str | os.PathLike[str], ctx: distributed.Context | None = None, *, remedy: str = "choose another output"
+) -> AbstractContextManager[None]:
     """Hold ``OUT.lock`` for a job's whole run (on rank 0): a second run on the same output
-    refuses at once, naming the process that holds it. Refusing rather than waiting: the
-    waiting run would only find the first one's finished output (or its parts) and stop there."""
+    refuses at once, naming the process that holds it and ending "wait for it or <remedy>".
+    Refusing rather than waiting: the waiting run would only find the first one's finished
+    output (or its parts) and stop there."""
     out = Path(out)
 
     def busy(holder: str) -> str:
-        return f"{out} is being written by another verydeep process ({holder}); wait for it or choose another output"
+        return f"{out} is being written by another verydeep process ({holder}); wait for it or {remedy}"
 
     lock = out.with_name(out.name + ".lock")
     return distributed.held_by_main_rank(
@@ -106,7 +112,8 @@ def _shown(value: Any) -> str:
 
 def check_npz(path: Path, *, stored: bool = False) -> None:
     """Refuse (ValueError) an .npz whose members would expand beyond :data:`MAX_NPZ_RATIO` times
-    the file (a deflate bomb), before numpy reads any; ``stored``: only uncompressed members."""
+    the file (a deflate bomb), or whose .npy headers declare more (or less) data than their
+    member holds, before numpy reads any; ``stored``: only uncompressed members."""
     size = path.stat().st_size
     with zipfile.ZipFile(path) as z:
         for info in z.infolist():
@@ -114,6 +121,29 @@ def check_npz(path: Path, *, stored: bool = False) -> None:
                 raise ValueError(f"member {info.filename} is compressed")
             if info.file_size > (1 if stored else MAX_NPZ_RATIO) * size:
                 raise ValueError(f"member {info.filename} claims {info.file_size:,} bytes in a file of {size:,}")
+            with z.open(info) as f:
+                is_npy = f.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX
+            if is_npy:  # np.load reads any other member as bytes, which the size above bounds
+                npy_header(z, info)
+
+
+def npy_header(z: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) from the .npy header of the member ``info``; ValueError when
+    the data it declares is not what the member holds, so a 300-byte file claiming a 37 GiB array
+    is refused before numpy allocates it. Object arrays (pickles, whose length no header
+    declares) are left to ``allow_pickle=False``."""
+    with z.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f, max_header_size=MAX_HEADER_BYTES)
+        offset = f.tell()
+    nbytes = math.prod(shape) * dtype.itemsize
+    if not dtype.hasobject and offset + nbytes != info.file_size:
+        raise ValueError(
+            f"member {info.filename}: its header declares {shape} {dtype} ({nbytes:,} bytes), the member holds "
+            f"{max(info.file_size - offset, 0):,}"
+        )
+    return shape, fortran, dtype
 
 
 class ChunkStore:
@@ -215,8 +245,8 @@ class ChunkStore:
 
     def read(self, chunk: int, keys: Collection[str] | None = None) -> dict[str, np.ndarray]:
         """A written chunk's arrays (only ``keys`` when given). A chunk is an uncompressed .npz
-        (:meth:`write`): a compressed member or one larger than the file is not one, and is
-        refused before numpy allocates what its header claims."""
+        (:meth:`write`): a compressed member, one larger than the file or one whose header claims
+        other than it holds is not one, and is refused before numpy allocates what it claims."""
         path = self.path_of(chunk)
         try:
             check_npz(path, stored=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import lzma
-import math
 import os
 import struct
 import zipfile
@@ -22,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from verydeep.core.atomic import atomic_path
+from verydeep.core.atomic import atomic_file, atomic_path
+from verydeep.core.store import MAX_HEADER_BYTES, MAX_NPZ_RATIO, npy_header
 from verydeep.data.images import quoted, reason
 from verydeep.errors import VerydeepError
 
@@ -115,7 +115,7 @@ def save_scores(result: EvalResult, path: str | os.PathLike) -> Path:
     """
     meta = {"format": SCORES_FORMAT, "protocol": result.protocol, "run": result.run, "metrics": result.metrics()}
     labels = result.labels if result.labels is not None else np.full(result.images, -1, dtype=np.int64)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_file(path) as f:
         np.savez(
             f,
             probs=result.probs.astype(np.float32, copy=False),
@@ -140,29 +140,22 @@ MEMBERS: dict[str, tuple[str, int]] = {
     "failed_reasons": ("U", 1),
     "meta": ("U", 0),
 }
-#: The most bytes a member may expand to per byte it takes in the file. save_scores stores
-#: (ratio 1); np.savez_compressed gets ~1.1 on soft-max rows and ~10-40 on padded id strings.
-#: Deflate itself reaches 1032, which turns a 3 MB file into 3 GB.
-MAX_RATIO = 100
 #: Small members (meta, an empty failure list) may expand beyond the ratio up to this many bytes.
 RATIO_FLOOR = 2**16
 #: The most bytes the arrays of one scores file may hold: ILSVRC-2012's 50,000 validation
 #: images x 1000 classes are 200 MB of float32; 8 GiB is its 1.28M training images, with room.
 MAX_SCORES_BYTES = 2**33
-#: The .npy header of a member (a dict literal of ~100 bytes); numpy's own default limit.
-MAX_HEADER_BYTES = 10_000
-#: Arrays are read in pieces of this many bytes.
-READ_CHUNK = 2**24
 
 
 def load_scores(path: str | os.PathLike) -> EvalResult:
     """Read a scores file written by :func:`save_scores`.
 
     The zip directory and each array's .npy header are checked before any array is read:
-    what they declare must fit the file (no member expands more than :data:`MAX_RATIO`-fold, no
-    two share bytes), agree with ``probs``' images x classes, and stay under
-    :data:`MAX_SCORES_BYTES`; object arrays (pickles) are refused. A bad file is one
-    :class:`VerydeepError` line naming it.
+    what they declare must fit the file (no member expands more than
+    :data:`~verydeep.core.store.MAX_NPZ_RATIO`-fold: save_scores stores, np.savez_compressed gets
+    ~1.1 on soft-max rows and ~10-40 on padded id strings; no two share bytes), agree with
+    ``probs``' images x classes, and stay under :data:`MAX_SCORES_BYTES`; object arrays (pickles)
+    are refused. A bad file is one :class:`VerydeepError` line naming it.
     """
     path = Path(path)
     z = _read_npz(path)
@@ -229,7 +222,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
             _check_directory(path, size, members)
             headers = {name: _header(zf, info, path, name) for name, info in members.items()}
             _check_headers(path, headers)
-            return {name: _array(zf, members[name], headers[name], path, name) for name in MEMBERS}
+            return {name: _array(zf, members[name]) for name in MEMBERS}
     except VerydeepError:
         raise
     except _UNREADABLE as e:
@@ -273,7 +266,8 @@ def _kind_of(head: bytes) -> str:
 
 def _check_directory(path: Path, size: int, members: dict[str, zipfile.ZipInfo]) -> None:
     """What the zip directory declares must fit the file: no member expands beyond
-    :data:`MAX_RATIO`, no two share compressed bytes, the whole stays under :data:`MAX_SCORES_BYTES`."""
+    :data:`~verydeep.core.store.MAX_NPZ_RATIO`, no two share compressed bytes, the whole stays
+    under :data:`MAX_SCORES_BYTES`."""
     spans = sorted(
         (info.header_offset, info.header_offset + info.compress_size, name) for name, info in members.items()
     )
@@ -285,10 +279,10 @@ def _check_directory(path: Path, size: int, members: dict[str, zipfile.ZipInfo])
             raise VerydeepError(
                 f"{path}: {name}: the zip directory claims {info.compress_size:,} bytes in a file of {size:,}"
             )
-        if info.file_size > max(MAX_RATIO * info.compress_size, RATIO_FLOOR):
+        if info.file_size > max(MAX_NPZ_RATIO * info.compress_size, RATIO_FLOOR):
             raise VerydeepError(
                 f"{path}: {name}: {info.compress_size:,} compressed bytes claim to expand to {info.file_size:,} "
-                f"(more than {MAX_RATIO}x: a decompression bomb, not scores)"
+                f"(more than {MAX_NPZ_RATIO}x: a decompression bomb, not scores)"
             )
     total = sum(info.file_size for info in members.values())
     if total > MAX_SCORES_BYTES:
@@ -298,24 +292,15 @@ def _check_directory(path: Path, size: int, members: dict[str, zipfile.ZipInfo])
 def _header(
     zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path, name: str
 ) -> tuple[tuple[int, ...], bool, np.dtype]:
-    """(shape, fortran order, dtype) from a member's .npy header, checked against the member's size."""
-    with zf.open(info) as f:
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(f, max_header_size=MAX_HEADER_BYTES)
-        offset = f.tell()
+    """(shape, fortran order, dtype) from a member's .npy header, checked against the member's
+    size (:func:`~verydeep.core.store.npy_header`) and against what :data:`MEMBERS` allows."""
+    shape, fortran, dtype = npy_header(zf, info)
     kinds, ndim = MEMBERS[name]
     if dtype.hasobject:
         raise VerydeepError(f"{path}: {name}: holds Python objects (pickled data), which scores files never do")
     if dtype.kind not in kinds or len(shape) != ndim or dtype.subdtype is not None:
         raise VerydeepError(
             f"{path}: {name}: expected a {ndim}-d array of kind {kinds!r}, found shape {shape} dtype {dtype}"
-        )
-    nbytes = math.prod(shape) * dtype.itemsize
-    if offset + nbytes != info.file_size:
-        raise VerydeepError(
-            f"{path}: {name}: the header declares {shape} {dtype} ({nbytes:,} bytes), the member holds "
-            f"{max(info.file_size - offset, 0):,}"
         )
     return shape, fortran, dtype
 
@@ -333,21 +318,10 @@ def _check_headers(path: Path, headers: dict[str, tuple]) -> None:
         raise VerydeepError(f"{path}: failed_ids, failed_paths and failed_reasons differ in length: {sorted(failed)}")
 
 
-def _array(zf: zipfile.ZipFile, info: zipfile.ZipInfo, header: tuple, path: Path, name: str) -> np.ndarray:
-    """A member's data, read up to exactly the size its (checked) header declares."""
-    shape, fortran, dtype = header
-    nbytes = math.prod(shape) * dtype.itemsize
-    array = np.empty(shape, dtype=dtype, order="F" if fortran else "C")
-    raw = array.reshape(-1, order="A").view(np.uint8)
-    done = 0
+def _array(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """A member's data; its header was checked to declare exactly what the member holds."""
     with zf.open(info) as f:
-        f.seek(info.file_size - nbytes)  # past the header (numpy pads it to 64 bytes)
-        while done < nbytes:  # in pieces, so a read never holds a second copy of a large array
-            piece = f.read(min(READ_CHUNK, nbytes - done))
-            if not piece:
-                raise VerydeepError(f"{path}: {name}: {done:,} bytes of {nbytes:,} (the file is cut short)")
-            raw[done : done + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
-            done += len(piece)
+        array = np.lib.format.read_array(f, allow_pickle=False, max_header_size=MAX_HEADER_BYTES)
         f.read(1)  # reach the end, where zipfile checks the CRC
     return array
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from verydeep.core.atomic import atomic_path, write_text
 from verydeep.core.store import check_npz
+from verydeep.data.images import reason
 from verydeep.errors import VerydeepError
 
 #: The rows, chunk by chunk in input order: given the layers to load, yields (image paths, {layer: rows}).
@@ -168,8 +169,7 @@ def read_features(
     except KeyError as e:
         raise VerydeepError(f"{path}: holds no layer {e.args[0]!r}") from None
     except Exception as e:  # numpy, zipfile, pyarrow and h5py each raise their own kinds
-        why = " ".join(str(e).split()) or type(e).__name__
-        raise VerydeepError(f"{path}: not a features file verydeep wrote ({type(e).__name__}: {why})") from None
+        raise VerydeepError(f"{path}: not a features file verydeep wrote ({reason(e)})") from None
     listed = bool(names) or path.suffix.lower() != ".npy"  # a .npy may travel without its OUT.paths.txt
     for layer, array in arrays.items():
         if not isinstance(array, np.ndarray):  # np.load gives the bytes of a member that is not .npy

@@ -23,13 +23,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import sys
 import urllib.parse
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from verydeep.core.atomic import file_lock, write_json
+from verydeep.core.atomic import file_lock, to_stderr, write_json
 from verydeep.core.paths import home
 from verydeep.errors import WeightsError
 from verydeep.hub.registry import get_entry, list_weights, url_of
@@ -38,10 +37,6 @@ from verydeep.hub.registry import get_entry, list_weights, url_of
 URL_KEY_LENGTH = 16
 #: Longest file name kept from a URL (file systems allow 255 bytes; the key and suffixes need some).
 URL_NAME_LENGTH = 120
-
-
-def _note(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def cached_path(name: str) -> Path:
@@ -78,7 +73,7 @@ def _removed(path: Path, why: str, note: Callable[[str], None]) -> None:
 
 
 # -- registry models ------------------------------------------------------------------------------
-def fetch(name: str, *, progress: bool = True, note: Callable[[str], None] = _note) -> Path:
+def fetch(name: str, *, progress: bool = True, note: Callable[[str], None] = to_stderr) -> Path:
     """Make sure the registry model ``name`` is in the cache as verified safetensors; return its path."""
     entry = get_entry(name)
     target = cached_path(name)
@@ -144,7 +139,7 @@ def _download_and_convert(name: str, target: Path, *, progress: bool, note: Call
 
 
 # -- any URL ----------------------------------------------------------------------------------------
-def fetch_url(url: str, *, progress: bool = True, note: Callable[[str], None] = _note) -> Path:
+def fetch_url(url: str, *, progress: bool = True, note: Callable[[str], None] = to_stderr) -> Path:
     """The verified local copy of the file at ``url`` (downloaded once); return its path."""
     entry = url_path(url)
     if _url_entry_problem(entry, url) is None:

@@ -18,7 +18,6 @@ import hashlib
 import http.client
 import os
 import re
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,7 +27,7 @@ from typing import IO, Any
 
 from tqdm.auto import tqdm
 
-from verydeep.core.atomic import make_dirs, write_error
+from verydeep.core.atomic import make_dirs, to_stderr, write_error
 from verydeep.errors import WeightsError
 
 CHUNK = 1 << 20
@@ -43,10 +42,6 @@ URL_SCHEMES = ("http", "https", "ftp")
 def is_url(text: str) -> bool:
     """Whether a weights argument is a URL to download rather than a local path."""
     return "://" in text and urllib.parse.urlsplit(text).scheme.lower() in URL_SCHEMES
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
@@ -70,21 +65,23 @@ def open_in_cache(path: str | os.PathLike[str], flags: int = os.O_RDONLY) -> IO[
     return os.fdopen(fd, "r+b" if flags & os.O_RDWR else "rb", buffering=0)
 
 
-def drop_link(path: Path, note: Callable[[str], None] = _stderr) -> None:
+def drop_link(path: Path, note: Callable[[str], None] = to_stderr) -> None:
     """Remove a symbolic link where the cache keeps a file (only the link, not what it names)."""
     if path.is_symlink():
         path.unlink()
         note(f"{path}: a symbolic link in the cache (verydeep does not follow links there); removed it")
 
 
-def _hashes(f: IO[bytes]) -> tuple[Any, Any]:
-    """md5 and sha256 of an open file from its start; leaves it at its end."""
-    md5, sha = hashlib.md5(), hashlib.sha256()
+def _hashes(f: IO[bytes], *, md5: bool) -> tuple[Any, Any]:
+    """md5 (None unless ``md5``: only registry files have one to check) and sha256 of an open
+    file from its start; leaves it at its end."""
+    md5_h, sha = (hashlib.md5() if md5 else None), hashlib.sha256()
     f.seek(0)
     while block := f.read(CHUNK * 8):
-        md5.update(block)
+        if md5_h is not None:
+            md5_h.update(block)
         sha.update(block)
-    return md5, sha
+    return md5_h, sha
 
 
 def verify(
@@ -102,7 +99,7 @@ def verify(
         found = os.fstat(f.fileno()).st_size
         if size is not None and found != size:
             raise WeightsError(f"{path}: expected {size:,} bytes, found {found:,} (incomplete or another file?)")
-        md5_h, sha_h = _hashes(f)
+        md5_h, sha_h = _hashes(f, md5=md5 is not None)
     if md5 is not None and md5_h.hexdigest() != md5:
         raise WeightsError(f"{path}: md5 mismatch: expected {md5}, found {md5_h.hexdigest()}")
     if sha256 is not None and sha_h.hexdigest() != sha256:
@@ -129,7 +126,7 @@ def download(
     md5: str | None = None,
     timeout: float = 30.0,
     progress: bool = True,
-    note: Callable[[str], None] = _stderr,
+    note: Callable[[str], None] = to_stderr,
 ) -> str:
     """Download ``url`` to ``dest``, resuming a previous ``.part``; verify size and md5.
 
@@ -148,7 +145,7 @@ def download(
         if size is not None and have > size:  # longer than the real file: cannot be a prefix of it
             f.truncate(0)
             have = 0
-        md5_h, sha_h = _hashes(f)
+        md5_h, sha_h = _hashes(f, md5=md5 is not None)
         expected = size
         if size is None or have < size:
             response = _request(url, have, size, timeout)
@@ -157,7 +154,7 @@ def download(
                     if have and response.status != 206:  # server ignored the Range: start over
                         f.seek(0)
                         f.truncate(0)
-                        have, (md5_h, sha_h) = 0, (hashlib.md5(), hashlib.sha256())
+                        have, (md5_h, sha_h) = 0, (hashlib.md5() if md5 is not None else None, hashlib.sha256())
                     expected = size if size is not None else _announced(response, have)
                     _receive(response, f, part, url, md5_h, sha_h, have=have, total=expected, progress=progress)
         found = os.fstat(f.fileno()).st_size
@@ -202,7 +199,7 @@ def _receive(
     total: int | None,
     progress: bool,
 ) -> None:
-    """Append the response's body to the open ``.part``, hashing it on the way."""
+    """Append the response's body to the open ``.part``, hashing it on the way (md5 when ``md5_h``)."""
     bar = tqdm(
         total=total,
         initial=have,
@@ -233,7 +230,8 @@ def _receive(
                     view = view[written:]
             except OSError as e:
                 raise (write_error(part, e) or e) from None
-            md5_h.update(block)
+            if md5_h is not None:
+                md5_h.update(block)
             sha_h.update(block)
             bar.update(len(block))
     finally:

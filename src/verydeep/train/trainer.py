@@ -53,8 +53,9 @@ from torch.utils.data import DataLoader
 
 from verydeep.configs import LRN_DEFAULTS
 from verydeep.core import distributed
-from verydeep.core.atomic import file_in_the_way, file_lock, make_dirs, remove_stale, write_json, write_text
+from verydeep.core.atomic import file_in_the_way, make_dirs, remove_stale, write_json, write_text
 from verydeep.core.defaults import PRECISIONS, default_workers, dtype_of
+from verydeep.core.store import output_lock
 from verydeep.data.augment import TrainTransform, ValTransform, to_input
 from verydeep.data.images import Failed
 from verydeep.data.training import (
@@ -370,17 +371,7 @@ class Trainer:
     def _hold_run_dir(self) -> None:
         """One run per folder: rank 0 holds ``RUN_DIR.lock`` (beside it) until :meth:`close`; a
         second run on the folder refuses at once, naming the process that holds it."""
-        run_dir = self.run_dir
-
-        def busy(holder: str) -> str:
-            return (
-                f"{run_dir} is being written by another verydeep process ({holder}); wait for it or choose another -o"
-            )
-
-        lock = run_dir.with_name(run_dir.name + ".lock")
-        self._held.enter_context(
-            distributed.held_by_main_rank(lambda: file_lock(lock, busy, wait=False, target=run_dir), self.ctx)
-        )
+        self._held.enter_context(output_lock(self.run_dir, self.ctx, remedy="choose another -o"))
 
     # -- set-up helpers ----------------------------------------------------------------------
     def say(self, msg: str) -> None:

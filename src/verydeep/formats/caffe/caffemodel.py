@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from google.protobuf.message import DecodeError, Message
 
-from verydeep.core.atomic import atomic_path
+from verydeep.core.atomic import atomic_file
 from verydeep.errors import CaffeFormatError
 from verydeep.formats.caffe import caffe_pb2 as pb
 from verydeep.formats.caffe.prototxt import MAX_BLOB_AXES, NetParameter, downgrade, upgrade
@@ -341,7 +341,7 @@ def write_caffemodel(
     head.CopyFrom(net)
     head.ClearField("layers" if version == "V1" else "layer")
     layer_field, blob_field = (2, 6) if version == "V1" else (100, 7)
-    with atomic_path(path, durable=True) as tmp, open(tmp, "xb") as out:
+    with atomic_file(path, durable=True) as out:
         out.write(head.SerializeToString())
         for layer in layers:
             meta = type(layer)()
