@@ -1,10 +1,15 @@
 """Fixtures: an isolated cache for every test, narrow random nets saved where the CLI can load them,
-sample image files. Plain helpers live in ``helpers.py``."""
+sample image files and a small ImageNet-style val folder, a stand-in for the published VGG-16 served
+by a local mirror. Plain helpers live in ``helpers.py``."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+from pathlib import Path
+
 import pytest
-from helpers import photo, random_vgg
+from helpers import Server, photo, random_vgg
 
 from verydeep import VGG
 
@@ -37,3 +42,40 @@ def image_files(tmp_path) -> list[str]:
         photo(h, w, seed=i).save(p, quality=95)
         paths.append(str(p))
     return paths
+
+
+@pytest.fixture
+def val_folder(tmp_path) -> Path:
+    """``val/n0000000{0..9}``: ten synset folders (the narrow nets' ten classes), the first three
+    with one photo each."""
+    root = tmp_path / "val"
+    for c in range(10):
+        (root / f"n0000000{c}").mkdir(parents=True)
+    for n in range(3):
+        photo(230, 240, seed=n).save(root / f"n0000000{n}" / f"img{n}.JPEG")
+    return root
+
+
+@pytest.fixture
+def published(tmp_path, monkeypatch):
+    """A narrow VGG-16 caffemodel (V1, as published) standing in for the official file: the
+    registry entry is pointed at its size and md5, the mirror at a local server. Yields
+    (model, caffemodel bytes, server)."""
+    from verydeep import hub
+    from verydeep.formats.caffe import vgg_net, write_caffemodel
+
+    model = random_vgg("D", num_classes=1000, width=1 / 16)
+    blobs = {
+        name: [m.weight.detach().numpy(), m.bias.detach().numpy()]
+        for name, m in model.named_children()
+        if hasattr(m, "weight")
+    }
+    path = tmp_path / "VGG_ILSVRC_16_layers.caffemodel"
+    write_caffemodel(path, blobs, vgg_net("D", 1 / 16, 1000, batch=10), version="V1")
+    body = path.read_bytes()
+    entry = dataclasses.replace(hub.REGISTRY["vgg16"], size=len(body), md5=hashlib.md5(body).hexdigest())
+    monkeypatch.setitem(hub.REGISTRY, "vgg16", entry)
+    server = Server({entry.filename: body})
+    monkeypatch.setenv("VERYDEEP_MIRROR", server.base)
+    yield model, body, server
+    server.close()

@@ -3,6 +3,7 @@
 - Narrow random nets (:func:`random_vgg`) and smooth random photos (:func:`photo`).
 - :func:`rel`: the tests' own relative error (max |found - expected| / max |expected|), kept
   apart from the library's so a bug there cannot hide in both.
+- :func:`one_line` and :func:`cli_error_line`: a refusal is one line naming what was wrong.
 - A local HTTP server with Range support (:class:`Server`), on 127.0.0.1 only.
 - The training tests' generated image task (:func:`make_image_folder`, :data:`CLASSES`):
   The task: four classes, each a colour (red, green, blue, grey); an image is a pattern of
@@ -24,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -56,14 +58,27 @@ def _float64(x) -> np.ndarray:
 
 def rel(found, expected) -> float:
     """max |found - expected| / max |expected|, in float64, for tensors or arrays of one shape."""
-    a = found.detach().cpu().double().numpy() if isinstance(found, torch.Tensor) else np.asarray(found, np.float64)
-    b = (
-        expected.detach().cpu().double().numpy()
-        if isinstance(expected, torch.Tensor)
-        else np.asarray(expected, np.float64)
-    )
+    a, b = _float64(found), _float64(expected)
     assert a.shape == b.shape, (a.shape, b.shape)
     return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def one_line(error: pytest.ExceptionInfo | BaseException | str, *names: object) -> str:
+    """The message of ``error`` (an exception, pytest's record of one, or a line already taken
+    from stderr), checked to be one non-blank line that names each of ``names``: what the CLI
+    prints for a refused input."""
+    message = str(error.value if isinstance(error, pytest.ExceptionInfo) else error)
+    assert message.strip() and "\n" not in message, message
+    for name in names:
+        assert str(name) in message, (name, message)
+    return message
+
+
+def cli_error_line(stderr: str) -> str:
+    """The one line a refused command printed: ``stderr`` holds exactly one non-blank line and no traceback."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
 
 
 class Server:

@@ -17,13 +17,11 @@ import json
 import os
 import resource
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import make_image_folder, photo
+from helpers import make_image_folder, run_cli
 
 from verydeep.cli import main
 from verydeep.core.atomic import TEMP_GLOB, atomic_path, file_lock, write_text
@@ -85,8 +83,7 @@ def test_every_numeric_option_has_a_range(command, options, expected, capsys):
 
 
 def test_argument_errors_are_one_line_with_exit_status_1_in_a_process():
-    r = subprocess.run([sys.executable, "-m", "verydeep", "classify", "x.jpg", "--batch-size", "0"],
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    r = run_cli(["classify", "x.jpg", "--batch-size", "0"], check=False, timeout=120)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "usage:" not in r.stderr
 
 
@@ -160,16 +157,6 @@ def test_extract_resume_with_another_layer_says_which_flag_differs(
 
 # -- writes the OS refuses ----------------------------------------------------------------------------------
 @pytest.fixture
-def val(tmp_path) -> Path:
-    root = tmp_path / "val"
-    for c in range(10):
-        (root / f"n0000000{c}").mkdir(parents=True)
-    for n in range(3):
-        photo(230, 240, seed=n).save(root / f"n0000000{n}" / f"img{n}.JPEG")
-    return root
-
-
-@pytest.fixture
 def blocker(tmp_path) -> Path:
     """A regular file where an output's folder would have to be."""
     path = tmp_path / "notes.txt"
@@ -193,9 +180,9 @@ def invocations(weights: str, images: list[str], val: Path, train: Path, under: 
 
 
 def test_an_output_under_a_regular_file_is_refused_before_any_work(
-    tmp_path, narrow_weights, image_files, val, blocker, capsys
+    tmp_path, narrow_weights, image_files, val_folder, blocker, capsys
 ):
-    for name, cmd in invocations(narrow_weights, image_files, val, tmp_path, blocker).items():
+    for name, cmd in invocations(narrow_weights, image_files, val_folder, tmp_path, blocker).items():
         assert main(cmd) == 1, name
         message = one_error_line(capsys, cmd[0])
         assert f"cannot write {blocker}/" in message and f"{blocker} is a file, not a folder" in message, (
@@ -251,21 +238,20 @@ def _file_size_limit(limit: int):
     ("name", "limit"), [("extract", 1024), ("evaluate --scores", 1024), ("convert", 8192), ("train", 8192)]
 )
 def test_a_write_the_kernel_refuses_is_one_line_in_every_writer(
-    name, limit, tmp_path, narrow_weights, image_files, val
+    name, limit, tmp_path, narrow_weights, image_files, val_folder
 ):
     """The real thing: past ``ulimit -f`` the kernel fails every write with EFBIG, whichever
     library makes it (numpy's zip, safetensors' Rust, torch's checkpoint writer)."""
     train = make_image_folder(tmp_path / "train", 2, seed=0)
     out = tmp_path / "out"
-    cmd = invocations(narrow_weights, image_files, val, train, out)[name]
+    cmd = invocations(narrow_weights, image_files, val_folder, train, out)[name]
     if name != "convert":  # loader processes pass tensors through /dev/shm files, which the limit caps too
         cmd += ["--workers", "0"]
     if name == "train":
         cmd += ["--arch", "A", "--width", "0.03125", "--scale", "224", "--batch-size", "8",
                 "--device", "cpu", "--no-progress", "--no-tensorboard", "--max-steps", "1"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VERYDEEP_HOME": str(tmp_path / "home")}
-    r = subprocess.run([sys.executable, "-m", "verydeep", *cmd], capture_output=True, text=True, env=env,
-                       timeout=300, preexec_fn=_file_size_limit(limit))  # fmt: skip
+    env = {"VERYDEEP_HOME": str(tmp_path / "home")}
+    r = run_cli(cmd, env=env, check=False, timeout=300, preexec_fn=_file_size_limit(limit))
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"verydeep {cmd[0]}: error: {out}/") and ": cannot write: File too large" in last, r.stderr

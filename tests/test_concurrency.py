@@ -14,27 +14,23 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import Server, photo, random_vgg
+from helpers import Server, cli_error_line, photo, random_vgg, run_cli
 
 from verydeep import hub
 from verydeep.cli import main
 from verydeep.core.store import output_lock
 from verydeep.errors import VerydeepError, WeightsError
-from verydeep.formats.caffe import vgg_net, write_caffemodel
 from verydeep.formats.safetensors import read_metadata, save_safetensors
 from verydeep.hub.cache import fetch, fetch_url, url_path
 from verydeep.hub.download import download, open_in_cache
@@ -130,21 +126,6 @@ def test_two_processes_on_one_url_download_it_once_and_both_load_it(tmp_path, we
         server.close()
 
 
-@pytest.fixture
-def published_caffemodel(tmp_path) -> tuple[bytes, str]:
-    """A narrow V1 caffemodel standing in for the official VGG-16: (bytes, md5)."""
-    model = random_vgg("D", num_classes=1000, width=1 / 16)
-    blobs = {
-        n: [m.weight.detach().numpy(), m.bias.detach().numpy()]
-        for n, m in model.named_children()
-        if hasattr(m, "weight")
-    }
-    path = tmp_path / "VGG_ILSVRC_16_layers.caffemodel"
-    write_caffemodel(path, blobs, vgg_net("D", 1 / 16, 1000, batch=10), version="V1")
-    body = path.read_bytes()
-    return body, hashlib.md5(body).hexdigest()
-
-
 #: A process that loads "vgg16" with the registry entry pointed at the stand-in's size and md5.
 LOAD_VGG16 = (
     "import dataclasses, sys\nfrom verydeep.hub import registry\n"
@@ -154,25 +135,22 @@ LOAD_VGG16 = (
 )
 
 
-def test_two_registry_downloads_at_once_both_succeed(tmp_path, published_caffemodel):
-    body, md5 = published_caffemodel
-    server = Server({"VGG_ILSVRC_16_layers.caffemodel": body})
-    try:
-        for r in range(ROUNDS):
-            cache = tmp_path / f"home{r}"
-            server.gate.clear()
-            server.requests.clear()
-            logs = [tmp_path / f"a{r}.log", tmp_path / f"b{r}.log"]
-            env = {"VERYDEEP_HOME": str(cache), "VERYDEEP_MIRROR": server.base}
-            procs = [python(LOAD_VGG16, str(len(body)), md5, log=log, env=env) for log in logs]
-            assert "downloading vgg16" in wait_for(WAITING, logs, procs)
-            server.gate.set()
-            paths = finish(procs, logs)
-            assert len(set(paths)) == 1 and Path(paths[0]).is_file()
-            assert len(server.requests) == 1, f"round {r}: {server.requests}"
-            assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == ["vgg16.safetensors"]
-    finally:
-        server.close()
+def test_two_registry_downloads_at_once_both_succeed(tmp_path, published):
+    _, _, server = published
+    entry = hub.REGISTRY["vgg16"]  # pointed at the stand-in in this process; the children are told too
+    for r in range(ROUNDS):
+        cache = tmp_path / f"home{r}"
+        server.gate.clear()
+        server.requests.clear()
+        logs = [tmp_path / f"a{r}.log", tmp_path / f"b{r}.log"]
+        env = {"VERYDEEP_HOME": str(cache), "VERYDEEP_MIRROR": server.base}
+        procs = [python(LOAD_VGG16, str(entry.size), entry.md5, log=log, env=env) for log in logs]
+        assert "downloading vgg16" in wait_for(WAITING, logs, procs)
+        server.gate.set()
+        paths = finish(procs, logs)
+        assert len(set(paths)) == 1 and Path(paths[0]).is_file()
+        assert len(server.requests) == 1, f"round {r}: {server.requests}"
+        assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == ["vgg16.safetensors"]
 
 
 # -- outputs: one run at a time ----------------------------------------------------------------------------
@@ -219,15 +197,11 @@ def test_a_second_extract_on_a_busy_output_refuses_at_once(tmp_path, images, nar
             assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "a.log").read_text()
             time.sleep(0.05)
         t0 = time.monotonic()
-        second = subprocess.run(
-            [sys.executable, "-m", "verydeep", *extract_args(images, out, narrow_weights)],
-            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=PATIENCE,
-        )  # fmt: skip
-        assert second.returncode == 1 and "Traceback" not in second.stderr
-        lines = second.stderr.strip().splitlines()
-        assert lines == [
+        second = run_cli(extract_args(images, out, narrow_weights), check=False, timeout=PATIENCE)
+        assert second.returncode == 1
+        assert cli_error_line(second.stderr) == (
             f"verydeep extract: error: {out} {BUSY} (pid {first.pid}); wait for it or choose another output"
-        ]
+        )
         assert time.monotonic() - t0 < 60  # refused, not queued behind the first run
     finally:
         go.touch()
@@ -258,14 +232,9 @@ def test_two_extracts_started_together_leave_one_whole_output(tmp_path, images, 
     print(f"{ROUNDS} rounds: {outcomes}")
 
 
-def test_evaluate_refuses_a_scores_file_another_process_writes(tmp_path, narrow_weights, capsys):
-    val = tmp_path / "val"
-    for c in range(10):
-        (val / f"n0000000{c}").mkdir(parents=True)
-    for n in range(3):
-        photo(230, 240, seed=n).save(val / f"n0000000{n}" / f"img{n}.JPEG")
+def test_evaluate_refuses_a_scores_file_another_process_writes(tmp_path, narrow_weights, val_folder, capsys):
     scores = tmp_path / "dense.npz"
-    cmd = ["evaluate", str(val), "--weights", narrow_weights, "--protocol", "center", "--scales", "224",
+    cmd = ["evaluate", str(val_folder), "--weights", narrow_weights, "--protocol", "center", "--scales", "224",
            "--device", "cpu", "--scores", str(scores), "--no-progress", "--workers", "0"]  # fmt: skip
     with output_lock(scores):  # another run holds it (here: this process, through another descriptor)
         assert main(cmd) == 1
@@ -283,7 +252,6 @@ def test_evaluate_refuses_a_scores_file_another_process_writes(tmp_path, narrow_
 def server(weights_file, tmp_path):
     other = save_safetensors(random_vgg("A", num_classes=4, seed=3), tmp_path / "other.safetensors").read_bytes()
     s = Server({"x/model.safetensors": weights_file, "y/model.safetensors": other})
-    s.gate.set()  # no holding back
     yield s
     s.close()
 
@@ -309,22 +277,15 @@ def test_a_grown_or_truncated_cache_entry_is_fetched_again(server, weights_file,
     assert len(server.requests) == 3
 
 
-def test_a_grown_registry_file_is_converted_again(tmp_path, published_caffemodel, monkeypatch, capsys):
-    body, md5 = published_caffemodel
-    monkeypatch.setitem(hub.REGISTRY, "vgg16", dataclasses.replace(hub.REGISTRY["vgg16"], size=len(body), md5=md5))
-    s = Server({"VGG_ILSVRC_16_layers.caffemodel": body})
-    s.gate.set()
-    monkeypatch.setenv("VERYDEEP_MIRROR", s.base)
-    try:
-        target = fetch("vgg16", progress=False)
-        good = target.read_bytes()
-        target.write_bytes(good + good)
-        assert fetch("vgg16", progress=False) == target
-        assert target.stat().st_size == len(good) and read_metadata(target)["config"] == "D"
-        assert "removed it, fetching it again" in capsys.readouterr().err
-        assert len(s.requests) == 2
-    finally:
-        s.close()
+def test_a_grown_registry_file_is_converted_again(published, capsys):
+    _, _, server = published
+    target = fetch("vgg16", progress=False)
+    good = target.read_bytes()
+    target.write_bytes(good + good)
+    assert fetch("vgg16", progress=False) == target
+    assert target.stat().st_size == len(good) and read_metadata(target)["config"] == "D"
+    assert "removed it, fetching it again" in capsys.readouterr().err
+    assert len(server.requests) == 2
 
 
 # -- no symbolic link in the cache is followed ---------------------------------------------------------------
@@ -356,30 +317,20 @@ def test_a_symlinked_cache_entry_is_replaced_by_a_verified_file(server, weights_
     assert "a symbolic link in the cache" in capsys.readouterr().err
 
 
-def test_a_symlinked_registry_file_is_replaced(tmp_path, published_caffemodel, monkeypatch, capsys):
-    body, md5 = published_caffemodel
-    monkeypatch.setitem(hub.REGISTRY, "vgg16", dataclasses.replace(hub.REGISTRY["vgg16"], size=len(body), md5=md5))
-    s = Server({"VGG_ILSVRC_16_layers.caffemodel": body})
-    s.gate.set()
-    monkeypatch.setenv("VERYDEEP_MIRROR", s.base)
-    try:
-        elsewhere = save_safetensors(
-            random_vgg("D", num_classes=1000, width=1 / 16, seed=9), tmp_path / "x.safetensors"
-        )
-        target = hub.cached_path("vgg16")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.symlink_to(elsewhere)
-        part = hub.download_path("vgg16").with_name(hub.download_path("vgg16").name + ".part")
-        part.parent.mkdir(parents=True)
-        victim = tmp_path / "victim.bin"
-        victim.write_bytes(b"keep me")
-        part.symlink_to(victim)
-        assert fetch("vgg16", progress=False) == target
-        assert not target.is_symlink() and victim.read_bytes() == b"keep me"
-        err = capsys.readouterr().err
-        assert err.count("a symbolic link in the cache") == 2
-    finally:
-        s.close()
+def test_a_symlinked_registry_file_is_replaced(tmp_path, published, capsys):
+    elsewhere = save_safetensors(random_vgg("D", num_classes=1000, width=1 / 16, seed=9), tmp_path / "x.safetensors")
+    target = hub.cached_path("vgg16")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(elsewhere)
+    part = hub.download_path("vgg16").with_name(hub.download_path("vgg16").name + ".part")
+    part.parent.mkdir(parents=True)
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"keep me")
+    part.symlink_to(victim)
+    assert fetch("vgg16", progress=False) == target
+    assert not target.is_symlink() and victim.read_bytes() == b"keep me"
+    err = capsys.readouterr().err
+    assert err.count("a symbolic link in the cache") == 2
 
 
 def test_cache_files_open_without_following_links(tmp_path):
@@ -391,27 +342,15 @@ def test_cache_files_open_without_following_links(tmp_path):
 
 def test_a_download_that_ends_early_is_not_taken_for_the_file(tmp_path, weights_file):
     """Size unknown (a URL): what the server announced is the size to reach."""
-
-    class Short(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(weights_file)))
-            self.end_headers()
-            self.wfile.write(weights_file[:1000])  # and the connection closes
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Short)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    server = Server({"w": weights_file})
+    server.cut_after = 1000  # the whole file's Content-Length, its first 1000 bytes, and the connection closes
     try:
         dest = tmp_path / "w.safetensors"
         with pytest.raises(WeightsError, match=f"expected {len(weights_file)} bytes, found 1000; run the same command"):
-            download(f"http://127.0.0.1:{httpd.server_address[1]}/w", dest, progress=False)
+            download(f"{server.base}/w", dest, progress=False)
         assert not dest.exists()
     finally:
-        httpd.shutdown()
-        httpd.server_close()
+        server.close()
 
 
 # -- what a resumed run reads back (the fuzz targets' findings, each at its minimal input) -------------------

@@ -1,8 +1,8 @@
 """torchvision .pth and Keras .h5 weights onto verydeep's module.
 
 References are independent of verydeep.importers: torchvision's own VGG module on torchvision's
-input, and Keras' layouts written here with h5py from the published files' names (HWIO kernels,
-channels_last flatten before fc1) and checked with numpy.
+input, and Keras' layouts written with h5py from the published files' names (HWIO kernels,
+channels_last flatten before fc1; the writer is the Keras fuzz target's) and checked with numpy.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from fuzz.fuzz_keras import write_keras
 from helpers import random_vgg, rel
 
 import verydeep
@@ -152,48 +153,12 @@ def test_batchnorm_vgg_is_refused(tmp_path):
 
 # -- Keras -----------------------------------------------------------------------------------------
 
-KERAS_CONV = {"D": (2, 2, 3, 3, 3), "E": (2, 2, 4, 4, 4)}
 
-
-def write_keras_h5(path, model, *, top: bool = True, naming: str = "old", whole_model: bool = False) -> None:
-    """The published files' layout: root attr ``layer_names``; per layer ``weight_names``;
-    HWIO kernels; fc1's rows in channels_last (H, W, C) flatten order; Dense kernels (in, out)."""
-    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    layers: list[tuple[str, list[np.ndarray]]] = [("input_1", [])]
-    for s, n in enumerate(KERAS_CONV[model.config], start=1):
-        for i in range(1, n + 1):
-            w, b = state[f"conv{s}_{i}.weight"], state[f"conv{s}_{i}.bias"]
-            layers.append((f"block{s}_conv{i}", [w.transpose(2, 3, 1, 0), b]))  # OIHW -> HWIO
-        layers.append((f"block{s}_pool", []))
-    if top:
-        w6 = state["fc6.weight"]
-        c = w6.shape[1] // 49
-        k6 = w6.reshape(-1, c, 7, 7).transpose(2, 3, 1, 0).reshape(49 * c, -1)  # (H, W, C, out) rows
-        layers += [
-            ("flatten", []),
-            ("fc1", [k6, state["fc6.bias"]]),
-            ("fc2", [state["fc7.weight"].T, state["fc7.bias"]]),
-            ("predictions", [state["fc8.weight"].T, state["fc8.bias"]]),
-        ]
-    with h5py.File(path, "w") as f:
-        root = f.create_group("model_weights") if whole_model else f
-        root.attrs["layer_names"] = [n.encode() for n, _ in layers]
-        for name, arrays in layers:
-            g = root.create_group(name)
-            if naming == "old":
-                wn = [f"{name}_W_1:0", f"{name}_b_1:0"][: len(arrays)]
-            else:
-                wn = [f"{name}/kernel:0", f"{name}/bias:0"][: len(arrays)]
-            g.attrs["weight_names"] = [w.encode() for w in wn]
-            for w, a in zip(wn, arrays):
-                g.create_dataset(w, data=a)
-
-
-@pytest.mark.parametrize("config,naming,whole", [("D", "old", False), ("E", "new", True)])
-def test_keras_h5_loads_and_equals_the_source(tmp_path, config, naming, whole):
+@pytest.mark.parametrize("config,layout", [("D", "old"), ("E", "new")])
+def test_keras_h5_loads_and_equals_the_source(tmp_path, config, layout):
     model = random_vgg(config, num_classes=7, width=WIDTH)
     path = tmp_path / "vgg_keras.h5"
-    write_keras_h5(path, model, naming=naming, whole_model=whole)
+    write_keras(path, model, layout, pools=True)
     state, meta = load_keras_h5(path)
     assert (meta["config"], meta["num_classes"], meta["top"]) == (config, 7, True)
     for k, v in model.state_dict().items():
@@ -208,7 +173,7 @@ def test_keras_fc1_permutation_against_a_numpy_keras_forward(tmp_path):
     """fc1 computed the Keras way (channels_last flatten of pool5, x @ kernel) equals verydeep's fc6."""
     model = random_vgg(width=WIDTH)
     path = tmp_path / "k.h5"
-    write_keras_h5(path, model)
+    write_keras(path, model, pools=True)
     loaded = load_keras(path)
     x = caffe_from_rgb01(rgb01_batch(1))
     with torch.no_grad():
@@ -223,21 +188,13 @@ def test_keras_fc1_permutation_against_a_numpy_keras_forward(tmp_path):
 def test_keras_notop_and_keras3_layout(tmp_path):
     model = random_vgg(width=WIDTH)
     path = tmp_path / "notop.h5"
-    write_keras_h5(path, model, top=False)
+    write_keras(path, model, top=False, pools=True)
     loaded = load_keras(path)
     x = caffe_from_rgb01(rgb01_batch(1))
     with torch.no_grad():
         assert torch.allclose(loaded.features(x, ["pool5"])["pool5"], model.features(x, ["pool5"])["pool5"], atol=1e-5)
         assert torch.isnan(loaded(x)).all()  # no top in the file: scores must not pass for real ones
-    # Keras 3 .weights.h5: layers/<name>/vars/<i>
-    path3 = tmp_path / "k3.weights.h5"
-    state = {k: v.numpy() for k, v in model.state_dict().items()}
-    with h5py.File(path3, "w") as f:
-        for s, n in enumerate(KERAS_CONV["D"], start=1):
-            for i in range(1, n + 1):
-                g = f.create_group(f"layers/block{s}_conv{i}/vars")
-                g.create_dataset("0", data=state[f"conv{s}_{i}.weight"].transpose(2, 3, 1, 0))
-                g.create_dataset("1", data=state[f"conv{s}_{i}.bias"])
+    path3 = write_keras(tmp_path / "k3.weights.h5", model, "keras3", top=False)  # layers/<name>/vars/<i>
     state3, meta3 = load_keras_h5(path3)
     assert not meta3["top"] and torch.equal(state3["conv4_2.weight"], model.conv4_2.weight)
 
@@ -246,7 +203,7 @@ def test_keras_theano_kernels_are_refused(tmp_path):
     """The old *_th_dim_ordering_th_kernels.h5 files hold OIHW kernels: refused, not misread."""
     model = random_vgg(width=WIDTH)
     path = tmp_path / "th.h5"
-    write_keras_h5(path, model)
+    write_keras(path, model, pools=True)
     with h5py.File(path, "r+") as f:
         del f["block1_conv1"]["block1_conv1_W_1:0"]
         f["block1_conv1"].create_dataset("block1_conv1_W_1:0", data=model.conv1_1.weight.detach().numpy())

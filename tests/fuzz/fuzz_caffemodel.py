@@ -22,7 +22,6 @@ def seeds(folder: Path) -> list[bytes]:
     from verydeep.formats.caffe.graph import CaffeGraph
     from verydeep.formats.caffe.prototxt import parse_prototxt
 
-    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     blobs = {
         "conv1_1": [rng.standard_normal((4, 3, 3, 3), dtype=np.float32), rng.standard_normal(4, dtype=np.float32)],

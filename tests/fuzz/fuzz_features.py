@@ -19,7 +19,6 @@ def seeds(folder: Path) -> list[bytes]:
     """An .npz of two layers and an .npy of one, as ``extract`` writes them."""
     from verydeep.extract.writers import Features, write_features
 
-    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     shapes = {"fc7": (4,), "pool5": (2, 1, 1)}
     rows = {t: rng.standard_normal((3, *s), dtype=np.float32) for t, s in shapes.items()}

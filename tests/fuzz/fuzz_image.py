@@ -73,11 +73,4 @@ def one_input(data: bytes, folder: Path) -> None:
 
 
 if __name__ == "__main__":
-    import importlib
-
-    import atheris
-
-    with atheris.instrument_imports(include=["PIL"]):
-        for module in PIL_PARSERS:
-            importlib.import_module(module)
-    main(seeds, one_input, ["verydeep.data.preprocess"])
+    main(seeds, one_input, [*PIL_PARSERS, "verydeep.data.preprocess"], instrument=("verydeep", "PIL"))

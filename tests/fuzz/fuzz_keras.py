@@ -16,24 +16,28 @@ MAX_INPUT = 64 * 1024
 _limited = False  # whether this process's memory is bounded yet (after torch and h5py are mapped)
 
 
-def write_keras(path: Path, model, layout: str = "old", top: bool = True) -> Path:
+def write_keras(path: Path, model, layout: str = "old", top: bool = True, pools: bool = False) -> Path:
     """``model`` (a verydeep VGG of 3x3 convolutions) in one of Keras' layouts: ``old`` (root
     ``layer_names``, ``block1_conv1_W_1:0``), ``new`` (a whole-model file: ``model_weights``,
     ``block1_conv1/kernel:0``) or ``keras3`` (``layers/block1_conv1/vars/0``). HWIO kernels,
-    Dense (in, out), fc1's rows in channels_last (H, W, C) order."""
+    Dense (in, out), fc1's rows in channels_last (H, W, C) order. ``pools`` also lists the layers
+    without weights (``block1_pool``, ``flatten``), each an empty group, as the published files do."""
     import h5py
 
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    layers = []
+    layers: list[tuple[str, list]] = []
     for spec in model.specs:
         if spec.kind == "conv":
             s, i = spec.name[4:].split("_")
             w = state[f"{spec.name}.weight"].transpose(2, 3, 1, 0)  # OIHW -> HWIO
             layers.append((f"block{s}_conv{i}", [w, state[f"{spec.name}.bias"]]))
+        elif spec.kind == "pool" and pools:
+            layers.append((f"block{spec.name[4:]}_pool", []))
     if top:
         w6 = state["fc6.weight"]
         c = w6.shape[1] // 49
         k6 = w6.reshape(-1, c, 7, 7).transpose(2, 3, 1, 0).reshape(49 * c, -1)  # (H, W, C, out) rows
+        layers += [("flatten", [])] if pools else []
         layers += [
             ("fc1", [k6, state["fc6.bias"]]),
             ("fc2", [state["fc7.weight"].T, state["fc7.bias"]]),
@@ -52,6 +56,7 @@ def write_keras(path: Path, model, layout: str = "old", top: bool = True) -> Pat
         for name, arrays in layers:
             group = root.create_group(name)
             names = [f"{name}_W_1:0", f"{name}_b_1:0"] if layout == "old" else [f"{name}/kernel:0", f"{name}/bias:0"]
+            names = names[: len(arrays)]
             group.attrs["weight_names"] = [n.encode() for n in names]
             for n, a in zip(names, arrays):
                 group.create_dataset(n, data=a)
@@ -63,7 +68,6 @@ def seeds(folder: Path) -> list[bytes]:
 
     from verydeep import VGG
 
-    folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = VGG("A", num_classes=3, width=WIDTH)
     cases = {"old": ("old", True), "new": ("new", True), "keras3": ("keras3", True), "notop": ("old", False)}

@@ -50,7 +50,6 @@ READERS = ("synsets", "caffe", "devkit", "meta", "kaggle", "paths", "detect")
 
 
 def seeds(folder: Path) -> list[bytes]:
-    folder.mkdir(parents=True, exist_ok=True)
     files = _files(folder)
     return [bytes([READERS.index(name)]) + data for name, data in files.items()]
 

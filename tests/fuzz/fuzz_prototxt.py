@@ -65,6 +65,20 @@ def seeds(folder: Path) -> list[bytes]:
     return [format_prototxt(net, version).encode() for net, version in nets]
 
 
+def check_inferred_shapes(graph) -> None:
+    """Run ``graph`` (a ``CaffeGraph``) on zeros of its declared input shapes, on torch's default
+    device (``meta`` computes shapes only): every layer's tops must have the shapes it inferred."""
+    import torch
+
+    blobs = {name: torch.zeros(graph.blob_shapes[name]) for name in graph.inputs}
+    with torch.no_grad():
+        for step in graph.steps:
+            tops = getattr(graph, step.attr)(*(blobs[b] for b in step.bottoms))
+            found = tuple(tuple(t.shape) for t in tops)
+            assert found == step.shapes, f"layer {step.name!r}: torch computes {found}, the graph {step.shapes}"
+            blobs.update(zip(step.tops, tops))
+
+
 def one_input(data: bytes, folder: Path) -> None:
     import torch
 
@@ -79,14 +93,7 @@ def one_input(data: bytes, folder: Path) -> None:
     text = format_prototxt(net)
     assert format_prototxt(parse_prototxt(text)) == text, "the V2 text does not read back to itself"
     with torch.device("meta"):
-        graph = CaffeGraph(net, source=str(path))
-        blobs = {name: torch.empty(graph.blob_shapes[name]) for name in graph.inputs}
-        with torch.no_grad():
-            for step in graph.steps:
-                tops = getattr(graph, step.attr)(*(blobs[b] for b in step.bottoms))
-                found = tuple(tuple(t.shape) for t in tops)
-                assert found == step.shapes, f"layer {step.name!r}: torch computes {found}, the graph {step.shapes}"
-                blobs.update(zip(step.tops, tops))
+        check_inferred_shapes(CaffeGraph(net, source=str(path)))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ def seeds(folder: Path) -> list[bytes]:
     from verydeep import VGG
     from verydeep.formats.torchvision import to_torchvision_state
 
-    folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = VGG("A", num_classes=3, width=WIDTH)
     files = {

@@ -25,7 +25,6 @@ def seeds(folder: Path) -> list[bytes]:
     from verydeep import VGG
     from verydeep.formats.safetensors import save_safetensors
 
-    folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = VGG("A", num_classes=3, width=WIDTH, class_names=["cat", "dog", "fish"])
     ours = save_safetensors(model, folder / "vgg.safetensors", source="seed", epochs=2)

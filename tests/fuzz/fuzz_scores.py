@@ -18,7 +18,6 @@ def seeds(folder: Path) -> list[bytes]:
 
     from verydeep.evaluate.results import EvalResult, save_scores
 
-    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(5), size=4).astype(np.float32)
     labelled = EvalResult({"name": "dense", "scales": [256, 384]}, ["a/1.jpg", "a/2.jpg", "b/3.jpg", "b/4.jpg"],
@@ -43,8 +42,4 @@ def one_input(data: bytes, folder: Path) -> None:
 
 
 if __name__ == "__main__":
-    import atheris
-
-    with atheris.instrument_imports(include=["zipfile"]):
-        import zipfile  # noqa: F401
-    main(seeds, one_input, ["verydeep.evaluate.results"])
+    main(seeds, one_input, ["verydeep.evaluate.results"], instrument=("verydeep", "zipfile"))

@@ -16,7 +16,6 @@ from harness import main
 def seeds(folder: Path) -> list[bytes]:
     from verydeep.train import config as tc
 
-    folder.mkdir(parents=True, exist_ok=True)
     configs = [
         tc.TrainConfig(),
         tc.TrainConfig(

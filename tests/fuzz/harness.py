@@ -7,9 +7,11 @@ A target is a module ``fuzz_<name>.py`` in this folder that defines
 - ``one_input(data: bytes, folder: Path) -> None``: feed one input to the parser under test.
 
 and ends with ``if __name__ == "__main__": main(seeds, one_input, ["verydeep.<module>"])``: those
-modules, and the verydeep modules they import, are instrumented for coverage (torch is not). A ``VerydeepError`` is the
-correct answer to a bad file; any other exception, a hang past ``-timeout`` or memory past
-``-rss_limit_mb`` is a defect, and libFuzzer writes the input that caused it as ``crash-*``.
+modules, and the verydeep modules they import, are instrumented for coverage (torch is not); a
+target whose inputs reach a library's parser adds that library to ``instrument`` (Pillow for
+``fuzz_image.py``, zipfile for ``fuzz_scores.py``). A ``VerydeepError`` is the correct answer to
+a bad file; any other exception, a hang past ``-timeout`` or memory past ``-rss_limit_mb`` is a
+defect, and libFuzzer writes the input that caused it as ``crash-*``.
 
 Run one target for a minute (the long run is the same command with a larger time)::
 
@@ -22,22 +24,23 @@ from __future__ import annotations
 
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 Seeds = Callable[[Path], list[bytes]]
 OneInput = Callable[[bytes, Path], None]
 
 
-def main(seeds: Seeds, one_input: OneInput, modules: list[str]) -> None:
-    """Write the seed corpus, then fuzz ``one_input`` until libFuzzer's limits stop it."""
+def main(seeds: Seeds, one_input: OneInput, modules: list[str], instrument: Sequence[str] = ("verydeep",)) -> None:
+    """Write the seed corpus, then fuzz ``one_input`` until libFuzzer's limits stop it.
+    ``modules`` are imported with the packages named in ``instrument`` traced for coverage."""
     import importlib
 
     import atheris
-    import numpy  # noqa: F401  (imported before instrumentation: only verydeep is traced)
-    import torch  # noqa: F401
 
-    with atheris.instrument_imports(include=["verydeep"]):
+    # Only the packages named in ``instrument`` are traced, whichever module imports them first
+    # (torch imports zipfile), so torch and numpy are imported here untraced.
+    with atheris.instrument_imports(include=list(instrument)):
         for module in modules:
             importlib.import_module(module)
     from verydeep.errors import VerydeepError
@@ -47,7 +50,9 @@ def main(seeds: Seeds, one_input: OneInput, modules: list[str]) -> None:
     corpus.mkdir()
     scratch = work / "scratch"
     scratch.mkdir()
-    for i, seed in enumerate(seeds(work / "seed-files")):
+    seed_files = work / "seed-files"  # where a target's writers put its seeds
+    seed_files.mkdir()
+    for i, seed in enumerate(seeds(seed_files)):
         (corpus / f"seed{i}").write_bytes(seed)
 
     def test_one_input(data: bytes) -> None:
