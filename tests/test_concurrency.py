@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import Server, cli_error_line, photo, random_vgg, run_cli
+from helpers import Server, cli_error_line, one_line, photo, random_vgg, run_cli
 
 from verydeep import hub
 from verydeep.cli import main
@@ -385,6 +385,33 @@ def test_a_chunk_zip_of_an_unknown_version_is_one_line(tmp_path):
         VerydeepError, match=r"chunk-0000000\.npz: unreadable part of an earlier run \(zip file version 17\.3\)"
     ):
         store.read(0)
+
+
+def _npz_claiming(member: str, shape: tuple[int, ...], holds: int) -> bytes:
+    """An uncompressed .npz whose one .npy member's header declares ``shape`` float32 but which
+    holds only ``holds`` bytes of data."""
+    import io
+    import zipfile
+
+    npy = io.BytesIO()
+    np.lib.format.write_array_header_1_0(npy, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    npy.write(bytes(holds))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        z.writestr(member, npy.getvalue())
+    return buf.getvalue()
+
+
+def test_a_chunk_whose_header_claims_more_than_it_holds_is_refused_before_numpy_allocates(tmp_path):
+    """A few hundred bytes claiming a 40 GB array: refused from the header, one line."""
+    from verydeep.core.store import ChunkStore
+
+    store = ChunkStore(tmp_path / "p")
+    store.begin({"a": 1}, resume=False)
+    store.path_of(0).write_bytes(_npz_claiming("x.npy", (100_000, 100_000), 100))
+    with pytest.raises(VerydeepError) as e:
+        store.read(0)
+    one_line(e, "chunk-0000000.npz", "(100000, 100000) float32", "40,000,000,000 bytes", "the member holds 100")
 
 
 def test_a_chunk_that_does_not_cover_its_images_is_refused(tmp_path):
